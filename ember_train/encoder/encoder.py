@@ -1,0 +1,144 @@
+"""The one encoder every pipeline trains: a Hugging Face ``AutoModel`` plus pooling.
+
+RetroMAE, contrastive tuning and SetFit-style tuning all wrap this module, so a checkpoint from
+one stage is the starting point of the next and the exported vectors are the training-time ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ember_train.encoder.pooling import POOLING_MODES, pool
+
+TextKind = Literal["query", "document"]
+
+
+class Encoder(nn.Module):
+    """Backbone + pooling (+ optional L2 normalisation), with optional query/document prefixes.
+
+    ``forward`` takes tokenized features and returns ``[B, D]`` embeddings; ``encode`` takes raw
+    strings and returns float32 CPU tensors without gradients (for evaluation and mining).
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int = 512,
+        query_prefix: str = "",
+        document_prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        self.query_prefix = query_prefix
+        self.document_prefix = document_prefix
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int = 512,
+        query_prefix: str = "",
+        document_prefix: str = "",
+        trust_remote_code: bool = False,
+    ) -> Encoder:
+        """Load from a Hub name or a local directory (a plain HF checkpoint or an ember export)."""
+        name_or_path = str(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model_max = getattr(backbone.config, "max_position_embeddings", max_seq_length)
+        return cls(
+            backbone,
+            tokenizer,
+            pooling=pooling,
+            normalize=normalize,
+            max_seq_length=min(max_seq_length, model_max),
+            query_prefix=query_prefix,
+            document_prefix=document_prefix,
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def prefix(self, kind: TextKind | None) -> str:
+        if kind == "query":
+            return self.query_prefix
+        if kind == "document":
+            return self.document_prefix
+        return ""
+
+    def tokenize(self, texts: Sequence[str], kind: TextKind | None = None) -> dict[str, torch.Tensor]:
+        """Prefix (by kind), truncate to ``max_seq_length`` and pad to the longest text in the batch."""
+        prefix = self.prefix(kind)
+        if prefix:
+            texts = [prefix + t for t in texts]
+        return dict(
+            self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        token_embeddings = self.backbone(**inputs).last_hidden_state
+        embeddings = pool(token_embeddings, features["attention_mask"], self.pooling)
+        if self.normalize:
+            embeddings = F.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
+        return embeddings
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        kind: TextKind | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Embed ``texts`` as a float32 CPU tensor ``[N, D]``, in input order.
+
+        Texts are sorted by length first so each batch pads little; the model's train/eval mode
+        is restored afterwards.
+        """
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="encode", disable=not show_progress, leave=False):
+            idx = order[start : start + batch_size]
+            features = self.tokenize([texts[i] for i in idx], kind=kind)
+            features = {k: v.to(device) for k, v in features.items()}
+            out[idx] = self(features).float().cpu()
+        self.train(was_training)
+        return out
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant checkpointing: safe under DDP and with several forwards per step."""
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

