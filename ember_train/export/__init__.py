@@ -1,1 +1,5 @@
+"""Release format: a directory that transformers and sentence-transformers both load."""
 
+from ember_train.export.sentence_transformers import export_encoder
+
+__all__ = ["export_encoder"]

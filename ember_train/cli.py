@@ -1,0 +1,85 @@
+"""``ember-train`` command line: train, export, eval, mine.
+
+``train`` takes the config and ``section.key=value`` overrides, exactly like ``train.py``, so the
+config stays the whole experiment. Other subcommands register themselves from their packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from ember_train.config import ConfigError, from_dict, load_config, read_yaml
+from ember_train.data.reader import DataError
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from ember_train.pipelines import get_pipeline
+
+    pipeline = get_pipeline(cfg.task)
+    command = "accelerate launch train.py " + " ".join(shlex.quote(a) for a in ["--config", args.config, *args.overrides])
+    pipeline.run(cfg, command=command)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Export a checkpoint (``<run>/checkpoints/step_N``) with the run's config."""
+    checkpoint = Path(args.checkpoint)
+    config_path = Path(args.config) if args.config else checkpoint.parent.parent / "config.yaml"
+    data = read_yaml(config_path)
+    from ember_train.pipelines import get_pipeline
+
+    pipeline = get_pipeline(data.get("task", ""), source=str(config_path))
+    cfg = from_dict(pipeline.config_class, data, source=str(config_path))
+    module = sys.modules[pipeline.run.__module__]
+    if not hasattr(module, "export_checkpoint"):
+        raise ConfigError(f"pipeline {cfg.task!r} cannot export checkpoints")
+    out = module.export_checkpoint(cfg, checkpoint, Path(args.output))
+    print(f"exported {checkpoint} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run a pipeline from a YAML config")
+    train.add_argument("--config", required=True)
+    train.add_argument("overrides", nargs="*", help="section.key=value")
+    train.set_defaults(handler=train_command)
+
+    export = sub.add_parser("export", help="export a checkpoint for transformers and sentence-transformers")
+    export.add_argument("checkpoint")
+    export.add_argument("output")
+    export.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml)")
+    export.set_defaults(handler=export_command)
+
+    from ember_train.evaluation import commands as evaluation_commands
+
+    evaluation_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError) as e:
+        # User errors: one clear line, no stack trace from deep inside a library.
+        print(f"ember-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

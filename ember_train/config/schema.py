@@ -1,0 +1,76 @@
+"""Config sections shared by every pipeline. Each pipeline adds its own sections in its recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ember_train.encoder.pooling import POOLING_MODES
+
+
+@dataclass
+class ModelConfig:
+    """The shared encoder: what to load and how to turn token vectors into one vector."""
+
+    name_or_path: str  # Hub name or local directory
+    # Unset (null) values come from the checkpoint's sentence-transformers files when it has
+    # them, else: mean pooling, no normalisation, 512 tokens, no prefixes.
+    pooling: str | None = None  # mean | cls | max | weighted_mean | lasttoken
+    normalize: bool | None = None  # L2-normalise the output vectors
+    max_seq_length: int | None = None
+    query_prefix: str | None = None  # e.g. "query: " or an instruction
+    document_prefix: str | None = None
+    trust_remote_code: bool = False  # never run Hub code unless the user asks
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            raise ValueError("max_seq_length must be at least 2")
+
+    def encoder_kwargs(self) -> dict:
+        return {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "max_seq_length": self.max_seq_length,
+            "query_prefix": self.query_prefix,
+            "document_prefix": self.document_prefix,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpointing, the same for every pipeline."""
+
+    epochs: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 32  # per process, per micro-step
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = before and after training only
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | path to a checkpoint
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps skipped before the run stops
+    num_workers: int = 0
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, wandb
+    wandb_project: str = "ember-train"
+    wandb_run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError("warmup_ratio must be in [0, 1]")
+        unknown = set(self.report_to) - {"jsonl", "wandb"}
+        if unknown:
+            raise ValueError(f"report_to: unknown logger(s) {sorted(unknown)}; use jsonl and/or wandb")

@@ -1,0 +1,143 @@
+"""Pair data for contrastive tuning: (query, positive[, hard negatives]), validated before training.
+
+Schema per row: ``query`` (string), ``pos`` (string or non-empty list of strings), optional
+``neg`` (list of strings). Other column names are mapped in the config. A row with several
+positives becomes one example per positive; the sampler keeps copies of a query out of the
+same batch, so they never act as each other's negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_records
+from ember_train.encoder.encoder import Encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairColumns:
+    """Names of the columns holding the query, the positive(s) and the hard negatives."""
+
+    query: str = "query"
+    pos: str = "pos"
+    neg: str = "neg"
+
+
+@dataclass
+class PairExample:
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+
+
+def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empty: bool) -> list[str]:
+    if value is None and allow_empty:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise DataError(
+            source, row, f"field {field_name!r} must be a string or a list of strings, got {type(value).__name__}",
+            reason=f"bad type {field_name}",
+        )
+    if not value and not allow_empty:
+        raise DataError(source, row, f"field {field_name!r} is an empty list", reason=f"empty {field_name}")
+    return [check_text(v, source=source, row=row, field=f"{field_name}[{i}]") for i, v in enumerate(value)]
+
+
+def parse_pair_row(record: dict, *, columns: PairColumns, source: str, row: int, num_negatives: int) -> list[PairExample]:
+    """Validate one row and expand it into one example per positive."""
+    if columns.query not in record:
+        raise DataError(source, row, f"field {columns.query!r} is missing", reason=f"missing {columns.query}")
+    query = check_text(record.get(columns.query), source=source, row=row, field=columns.query)
+    if columns.pos not in record or record[columns.pos] is None:
+        raise DataError(source, row, f"row has no positive (field {columns.pos!r} is missing)", reason=f"missing {columns.pos}")
+    positives = _text_list(record[columns.pos], source=source, row=row, field_name=columns.pos, allow_empty=False)
+    negatives = _text_list(record.get(columns.neg), source=source, row=row, field_name=columns.neg, allow_empty=True)
+    if num_negatives and len(negatives) == 0:
+        raise DataError(
+            source, row, f"field {columns.neg!r} needs at least one hard negative (loss.num_negatives={num_negatives})",
+            reason=f"missing {columns.neg}",
+        )
+    return [PairExample(query, p, negatives) for p in positives]
+
+
+def load_pairs(
+    source: str,
+    *,
+    columns: PairColumns | None = None,
+    split: str = "train",
+    on_bad_rows: str = "error",
+    num_negatives: int = 0,
+    limit: int | None = None,
+) -> tuple[list[PairExample], BadRows]:
+    """Read and validate every row of ``source``; errors name the file, row and field."""
+    columns = columns or PairColumns()
+    bad = BadRows()
+    examples: list[PairExample] = []
+    rows = 0
+    def on_error(error: DataError) -> None:
+        handle_bad_row(error, on_bad_rows, bad)
+
+    for row, record in iter_records(source, split=split, on_error=on_error):
+        rows += 1
+        try:
+            examples.extend(parse_pair_row(record, columns=columns, source=str(source), row=row, num_negatives=num_negatives))
+        except DataError as e:
+            handle_bad_row(e, on_bad_rows, bad)
+        if limit is not None and len(examples) >= limit:
+            examples = examples[:limit]
+            break
+    if bad.total:
+        logger.warning("%s: %s", source, bad.summary())
+    if not examples:
+        raise DataError(str(source), None, f"no usable pairs ({rows} rows read; {bad.summary()})")
+    return examples, bad
+
+
+class PairCollator:
+    """Tokenizes a list of examples into query features and document features.
+
+    Documents are laid out as ``[positives (B); negatives (B × n)]``. Each query gets exactly
+    ``num_negatives`` hard negatives, drawn from its own list (with replacement when it has
+    fewer), reproducibly per (seed, query).
+    """
+
+    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0) -> None:
+        self.encoder = encoder
+        self.num_negatives = num_negatives
+        self.seed = seed
+
+    def _negatives(self, example: PairExample) -> list[str]:
+        negatives = example.negatives
+        if len(negatives) == self.num_negatives:
+            return list(negatives)
+        rng = random.Random(f"{self.seed}:{example.query}")
+        if len(negatives) > self.num_negatives:
+            return rng.sample(negatives, self.num_negatives)
+        return [rng.choice(negatives) for _ in range(self.num_negatives)]
+
+    def __call__(self, examples: list[PairExample]) -> dict[str, Any]:
+        documents = [e.positive for e in examples]
+        if self.num_negatives:
+            for e in examples:
+                documents.extend(self._negatives(e))
+        return {
+            "query": self.encoder.tokenize([e.query for e in examples], kind="query"),
+            "documents": self.encoder.tokenize(documents, kind="document"),
+            "num_negatives": torch.tensor(self.num_negatives),
+        }
+
+
+def token_counts(*features: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Real and padding token counts of tokenized batches, for throughput and padding logs."""
+    real = sum(float(f["attention_mask"].sum()) for f in features)
+    total = sum(float(f["attention_mask"].numel()) for f in features)
+    return {"tokens": real, "padding_tokens": total - real}

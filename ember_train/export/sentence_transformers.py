@@ -1,0 +1,85 @@
+"""Write an encoder in the sentence-transformers layout, and read those settings back.
+
+The directory is at once a plain Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+tokenizer files: ``transformers.AutoModel`` loads it) and a sentence-transformers model
+(``modules.json`` and friends). Module type names are the long-standing
+``sentence_transformers.models.*`` ones so both old and new sentence-transformers load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember_train.encoder.encoder import Encoder
+from ember_train.encoder.pooling import ST_POOLING_KEYS
+
+POOLING_DIR = "1_Pooling"
+NORMALIZE_DIR = "2_Normalize"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | None = None) -> Path:
+    """Save ``encoder`` so ``AutoModel`` and ``SentenceTransformer`` both load it with the same vectors."""
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = encoder.backbone
+    # Weights in fp32 whatever precision training used, so every loader gives the same vectors.
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+             for k, v in backbone.state_dict().items()}
+    backbone.save_pretrained(out, state_dict=state, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(out)
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
+    ]
+    if encoder.normalize:
+        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"})
+        (out / NORMALIZE_DIR).mkdir(exist_ok=True)
+    _write_json(out / "modules.json", modules)
+    _write_json(out / "sentence_bert_config.json", {"max_seq_length": encoder.max_seq_length, "do_lower_case": False})
+
+    pooling_config: dict[str, Any] = {"word_embedding_dimension": encoder.dim}
+    for mode, key in ST_POOLING_KEYS.items():
+        pooling_config[key] = mode == encoder.pooling
+    pooling_config["pooling_mode_mean_sqrt_len_tokens"] = False
+    pooling_config["include_prompt"] = True  # prefixes are part of the text, as at training time
+    _write_json(out / POOLING_DIR / "config.json", pooling_config)
+
+    prompts = {}
+    if encoder.query_prefix:
+        prompts["query"] = encoder.query_prefix
+    if encoder.document_prefix:
+        prompts["document"] = encoder.document_prefix
+    _write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": {
+                "ember_train": _ember_version(),
+                "transformers": transformers.__version__,
+                "pytorch": torch.__version__,
+            },
+            "prompts": prompts,
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+    if model_card is not None:
+        (out / "README.md").write_text(model_card, encoding="utf-8")
+    return out
+
+
+def _ember_version() -> str:
+    from ember_train import __version__
+
+    return __version__

@@ -1,0 +1,174 @@
+"""Hard-negative mining: for each query, sample negatives the model finds close but not too close.
+
+Procedure (the usual recipe for contrastive tuning data):
+
+1. Embed every distinct query (``kind="query"``) and the corpus (``kind="document"``): by
+   default the distinct positives of all pairs, or a corpus you pass.
+2. Exact chunked search keeps the top ``rank_window[1]`` documents per query (faiss when it is
+   installed and the corpus is large), so memory stays bounded.
+3. Candidates are the documents at ranks ``rank_window[0] + 1 .. rank_window[1]`` (1-based):
+   the very top is skipped because it is mostly unlabelled positives.
+4. Excluded: any positive of the query (by text, whitespace and case folded), the query text
+   itself, and near-duplicates of the positive: a candidate whose score is
+   ``>= pos_score - margin`` or ``>= max_score_ratio * pos_score``, where ``pos_score`` is the
+   query's *lowest* positive score (the conservative choice with several positives).
+5. ``num_negatives`` are sampled uniformly from what remains, seeded per query text so the
+   result does not depend on row order; queries left with fewer get all that remain (counted).
+
+The output keeps every input field and sets ``neg`` to a list of strings: the pair schema
+:mod:`ember_train.data.pairs` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ember_train.evaluation.base import SupportsEncode, encode
+from ember_train.evaluation.search import top_k
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MiningStats:
+    """What happened to the candidates, so nothing is dropped silently."""
+
+    rows: int = 0
+    queries: int = 0
+    corpus_size: int = 0
+    negatives_written: int = 0
+    queries_short: int = 0  # fewer than num_negatives candidates survived the filters
+    excluded_positive: int = 0
+    excluded_near_duplicate: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows / {self.queries} queries, corpus {self.corpus_size}: wrote {self.negatives_written} negatives; "
+            f"excluded {self.excluded_positive} positives and {self.excluded_near_duplicate} near-duplicates; "
+            f"{self.queries_short} queries got fewer negatives than asked"
+        )
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _positives(row: Mapping[str, Any]) -> list[str]:
+    pos = row["pos"]
+    return [pos] if isinstance(pos, str) else list(pos)
+
+
+def mine_hard_negatives(
+    encoder: SupportsEncode,
+    pairs: Sequence[Mapping[str, Any]],
+    *,
+    corpus: Sequence[str] | None = None,
+    rank_window: tuple[int, int] = (10, 100),
+    margin: float = 0.0,
+    max_score_ratio: float | None = 0.95,
+    num_negatives: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+    chunk_size: int = 16_384,
+    use_faiss: bool | None = None,
+    show_progress: bool = True,
+) -> tuple[list[dict[str, Any]], MiningStats]:
+    """Return the input rows with ``neg`` filled in, and counts of what was excluded.
+
+    ``pairs`` rows need ``query`` (str) and ``pos`` (str or list of str).
+    """
+    lo, hi = rank_window
+    if not 0 <= lo < hi:
+        raise ValueError(f"rank_window must be (start, end) with 0 <= start < end, got {rank_window}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    stats = MiningStats(rows=len(pairs))
+
+    positives_of: dict[str, list[str]] = {}
+    for row in pairs:
+        bucket = positives_of.setdefault(row["query"], [])
+        bucket.extend(p for p in _positives(row) if p not in bucket)
+    queries = list(positives_of)
+    stats.queries = len(queries)
+
+    if corpus is None:
+        corpus = list(dict.fromkeys(p for ps in positives_of.values() for p in ps))
+    else:
+        corpus = list(dict.fromkeys(corpus))
+    stats.corpus_size = len(corpus)
+    if not corpus:
+        raise ValueError("empty corpus")
+
+    q_emb = F.normalize(encode(encoder, queries, batch_size=batch_size, kind="query"), dim=-1)
+    d_emb = F.normalize(encode(encoder, corpus, batch_size=batch_size, kind="document"), dim=-1)
+    # Positive scores: reuse corpus embeddings, embed only positives missing from the corpus.
+    index_of = {text: i for i, text in enumerate(corpus)}
+    missing = list(dict.fromkeys(p for ps in positives_of.values() for p in ps if p not in index_of))
+    extra = (
+        F.normalize(encode(encoder, missing, batch_size=batch_size, kind="document"), dim=-1)
+        if missing
+        else None
+    )
+    extra_index = {text: i for i, text in enumerate(missing)}
+
+    def pos_embedding(text: str) -> torch.Tensor:
+        return d_emb[index_of[text]] if text in index_of else extra[extra_index[text]]  # type: ignore[index]
+
+    scores, indices = top_k(
+        q_emb, d_emb, hi, doc_chunk=chunk_size, use_faiss=use_faiss, progress=show_progress
+    )
+
+    negatives_of: dict[str, list[str]] = {}
+    for qi, query in enumerate(tqdm(queries, desc="mine", disable=not show_progress)):
+        excluded_texts = {_norm(p) for p in positives_of[query]} | {_norm(query)}
+        pos_score = min(float(q_emb[qi] @ pos_embedding(p)) for p in positives_of[query])
+        ceiling = pos_score - margin
+        if max_score_ratio is not None:
+            ceiling = min(ceiling, max_score_ratio * pos_score)
+        candidates = []
+        for score, doc in zip(scores[qi, lo:hi].tolist(), indices[qi, lo:hi].tolist(), strict=True):
+            text = corpus[doc]
+            if _norm(text) in excluded_texts:
+                stats.excluded_positive += 1
+            elif score >= ceiling:
+                stats.excluded_near_duplicate += 1
+            else:
+                candidates.append(text)
+        rng = random.Random(f"{seed}:{query}")
+        chosen = rng.sample(candidates, num_negatives) if len(candidates) > num_negatives else candidates
+        if len(chosen) < num_negatives:
+            stats.queries_short += 1
+        negatives_of[query] = chosen
+
+    out = []
+    for row in pairs:
+        mined = dict(row)
+        mined["neg"] = list(negatives_of[row["query"]])
+        stats.negatives_written += len(mined["neg"])
+        out.append(mined)
+    logger.info("mining: %s", stats.summary())
+    return out, stats
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write rows as UTF-8 JSONL (one object per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def stats_dict(stats: MiningStats) -> dict[str, int]:
+    return asdict(stats)

@@ -1,0 +1,222 @@
+"""Contrastive tuning recipe: (query, positive[, hard negatives]) pairs -> InfoNCE -> export.
+
+    accelerate launch train.py --config configs/quickstart.yaml [section.key=value ...]
+
+Setup -> evaluate before -> train -> evaluate after -> export, top to bottom. Everything
+distributed is in the sampler (each process's shard), the loss (optional cross-device
+negatives) and the shared loop; this file reads like single-device code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
+from ember_train.data.sampler import ShardedBatchSampler
+from ember_train.encoder import Encoder
+from ember_train.evaluation.base import EvalResult
+from ember_train.evaluation.retrieval import RetrievalEvaluator
+from ember_train.export import export_encoder
+from ember_train.export.model_card import render_model_card
+from ember_train.losses.infonce import InfoNCELoss
+from ember_train.training.checkpoint import load_model_weights
+from ember_train.training.loop import build_accelerator, train_loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairDataConfig:
+    train: str  # JSONL/CSV/Parquet file, directory, or Hub dataset name
+    split: str = "train"  # Hub split
+    columns: PairColumns = field(default_factory=PairColumns)
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_examples: int | None = None  # use only the first N examples (quick experiments)
+    group_by_length: bool = False  # length-aware batching: less padding, same randomness at bucket level
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.02
+    num_negatives: int = 0  # hard negatives per query (group size - 1); rows must carry `neg`
+    symmetric: bool = False  # add the document->query term
+    gather_across_devices: bool = False  # in-batch negatives from every process
+
+
+@dataclass
+class RetrievalEvalConfig:
+    data: str | None = None  # held-out pair file (same schema as training) or a BEIR folder
+    split: str = "test"  # BEIR qrels split
+    columns: PairColumns = field(default_factory=PairColumns)
+    max_queries: int | None = None
+    batch_size: int = 64
+    before_training: bool = True
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: str | None = None  # default: <output_dir>/final
+    model_name: str | None = None  # name in the model card; default: the directory name
+
+
+@dataclass
+class ContrastiveConfig:
+    model: ModelConfig
+    data: PairDataConfig
+    task: str = "contrastive"
+    output_dir: str = "runs/contrastive"
+    seed: int = 42
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def build_retrieval_evaluator(cfg: RetrievalEvalConfig) -> RetrievalEvaluator | None:
+    """A BEIR folder, or held-out pairs whose positives form the corpus."""
+    if cfg.data is None:
+        return None
+    path = Path(cfg.data)
+    if path.is_dir() and (path / "qrels").is_dir():
+        return RetrievalEvaluator.from_beir(path, split=cfg.split, batch_size=cfg.batch_size)
+    examples, _ = load_pairs(cfg.data, columns=cfg.columns, limit=None)
+    queries: dict[str, list[str]] = {}
+    for e in examples:
+        queries.setdefault(e.query, []).append(e.positive)
+    items = list(queries.items())[: cfg.max_queries]
+    return RetrievalEvaluator.from_pairs(
+        [q for q, _ in items], [p for _, p in items], name=path.stem, batch_size=cfg.batch_size
+    )
+
+
+def make_loss_step(loss_fn: InfoNCELoss):
+    """Embed queries and documents (positives, then negatives) and apply InfoNCE."""
+
+    def loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        query = model(batch["query"])
+        documents = model(batch["documents"])
+        size = query.shape[0]
+        num_negatives = int(batch["num_negatives"])
+        negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
+        loss = loss_fn(query, documents[:size], negatives)
+        return loss, {"samples": float(size), **token_counts(batch["query"], batch["documents"])}
+
+    return loss_step
+
+
+def make_dataloader(
+    examples: list[PairExample], encoder: Encoder, cfg: ContrastiveConfig, world_size: int, rank: int
+) -> DataLoader:
+    sampler = ShardedBatchSampler(
+        len(examples),
+        cfg.train.batch_size,
+        world_size=world_size,
+        rank=rank,
+        seed=cfg.seed,
+        dedup_keys=[(e.query, e.positive) for e in examples],
+        lengths=[len(e.query) + len(e.positive) for e in examples] if cfg.data.group_by_length else None,
+    )
+    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed)
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
+
+
+def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
+    output_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    if cfg.train.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable()
+    examples, bad_rows = load_pairs(
+        cfg.data.train,
+        columns=cfg.data.columns,
+        split=cfg.data.split,
+        on_bad_rows=cfg.data.on_bad_rows,
+        num_negatives=cfg.loss.num_negatives,
+        limit=cfg.data.max_examples,
+    )
+    accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
+    dataloader = make_dataloader(examples, encoder, cfg, accelerator.num_processes, accelerator.process_index)
+    evaluator = build_retrieval_evaluator(cfg.eval)
+
+    def evaluate() -> dict[str, float]:
+        return evaluator(encoder).metrics if evaluator is not None else {}
+
+    before: EvalResult | None = None
+    if evaluator is not None and cfg.eval.before_training and accelerator.is_main_process:
+        encoder.to(accelerator.device)
+        before = evaluator(encoder)
+        accelerator.print(f"before training: ndcg@10={before.metrics['ndcg@10']:.2f}")
+    accelerator.wait_for_everyone()
+
+    loss_fn = InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices)
+    outcome = train_loop(
+        accelerator=accelerator,
+        model=encoder,
+        loss_step=make_loss_step(loss_fn),
+        dataloader=dataloader,
+        cfg=cfg.train,
+        output_dir=output_dir,
+        evaluate=evaluate if evaluator is not None else None,
+    )
+
+    results: dict[str, Any] = {
+        "steps": outcome["step"],
+        "train_seconds": outcome["train_seconds"],
+        "train_examples": len(examples),
+        "skipped_rows": bad_rows.total,
+        "last_metrics": outcome["last_metrics"],
+    }
+    if accelerator.is_main_process:
+        after = evaluator(encoder) if evaluator is not None else None
+        if after is not None:
+            results["eval_after"] = after.to_dict()
+            line = f"after training: ndcg@10={after.metrics['ndcg@10']:.2f}"
+            if before is not None:
+                results["eval_before"] = before.to_dict()
+                line = f"ndcg@10 before -> after: {before.metrics['ndcg@10']:.2f} -> {after.metrics['ndcg@10']:.2f}"
+            accelerator.print(line)
+        if cfg.export.enabled:
+            export_dir = Path(cfg.export.dir or output_dir / "final")
+            card = render_model_card(
+                model_name=cfg.export.model_name or export_dir.name,
+                base_model=cfg.model.name_or_path,
+                results=[after] if after is not None else [],
+                training=to_dict(cfg),
+                command=command,
+                data_summary=f"{len(examples)} training pairs from `{cfg.data.train}`",
+            )
+            export_encoder(encoder, export_dir, model_card=card)
+            results["export_dir"] = str(export_dir)
+            accelerator.print(f"exported to {export_dir}")
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:
+    """``ember-train export``: rebuild the encoder from the run's config and a checkpoint's weights."""
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    load_model_weights(encoder, checkpoint)
+    card = render_model_card(
+        model_name=out_dir.name,
+        base_model=cfg.model.name_or_path,
+        results=[],
+        training=to_dict(cfg),
+        command=f"ember-train export {checkpoint} {out_dir}",
+    )
+    return export_encoder(encoder, out_dir, model_card=card)

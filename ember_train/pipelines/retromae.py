@@ -1,0 +1,419 @@
+"""RetroMAE pretraining recipe: raw text -> masked auto-encoding -> an encoder ready for contrastive tuning.
+
+    accelerate launch train.py --config configs/retromae_quick.yaml [section.key=value ...]
+
+Setup -> evaluate before -> train -> evaluate after -> save, top to bottom. The run writes:
+
+* ``<output_dir>/pretrained``: the encoder + MLM head (``AutoModelForMaskedLM``), tokenizer and
+  the decoder (``decoder.safetensors`` + ``decoder_config.json``). Continue pretraining from it
+  with ``model.name_or_path`` and ``retromae.init_decoder_from`` both pointing there.
+* ``<output_dir>/final``: the sentence-transformers export of the same encoder (pooling as
+  trained, ``cls`` by default); a contrastive config takes either directory as ``model``.
+* ``checkpoints/`` (exact resume, decoder included), ``metrics.jsonl``, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.data.masking import RetroMAECollator
+from ember_train.data.sampler import ShardedBatchSampler
+from ember_train.data.text_corpus import (
+    CorpusStats,
+    KeyedBatches,
+    KeyedTexts,
+    StreamingBatches,
+    filter_and_pack,
+    iter_texts,
+    token_lengths,
+)
+from ember_train.encoder.encoder import resolve_model_path
+from ember_train.encoder.retromae import DECODER_WEIGHTS, RetroMAEModel
+from ember_train.export import export_encoder
+from ember_train.export.model_card import render_model_card
+from ember_train.losses.retromae import RetroMAELoss
+from ember_train.training.loop import build_accelerator, train_loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextDataConfig:
+    train: str  # JSONL/JSON/CSV/Parquet file (text column), .txt (one document per line), a folder, or a Hub dataset
+    text_field: str = "text"
+    split: str = "train"  # Hub split
+    streaming: bool = False  # read lazily, pass after pass (needs train.max_steps > 0); for corpora > memory
+    shuffle_buffer: int = 10_000  # streaming: texts held for shuffling
+    min_tokens: int = 8  # shorter texts are skipped and counted
+    pack: bool = False  # join consecutive short texts up to max_seq_length
+    pack_separator: str = " "
+    group_by_length: bool = (
+        True  # in memory: batches of similar length (less padding), random at bucket level
+    )
+    max_texts: int | None = None  # in memory: use only the first N sequences (quick experiments)
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class RetroMAESection:
+    encoder_mask_ratio: float = 0.3
+    decoder_mask_ratio: float = 0.5
+    encoder_loss_weight: float = 1.0
+    decoder_loss_weight: float = 1.0
+    decoder_layers: int = 1
+    query_stream: Literal["position", "embedding"] = "position"  # paper | FlagEmbedding's variant
+    decoder_init: Literal["random", "last_layer"] = "random"  # last_layer: copy the encoder's last layer
+    init_decoder_from: str | None = None  # a previous run's pretrained/ directory
+
+    def __post_init__(self) -> None:
+        if not 0 < self.encoder_mask_ratio < 1:
+            raise ValueError("encoder_mask_ratio must be in (0, 1)")
+        if not 0 <= self.decoder_mask_ratio < 1:
+            raise ValueError("decoder_mask_ratio must be in [0, 1)")
+        if self.decoder_layers < 1:
+            raise ValueError("decoder_layers must be >= 1")
+
+
+@dataclass
+class MLMEvalConfig:
+    data: str | None = None  # held-out raw text, same formats as data.train
+    text_field: str = "text"
+    max_texts: int = 512
+    batch_size: int = 32
+    before_training: bool = True
+
+
+@dataclass
+class RetroMAEExportConfig:
+    enabled: bool = True
+    dir: str | None = None  # sentence-transformers export; default: <output_dir>/final
+    pretrained_dir: str | None = None  # MLM checkpoint + decoder; default: <output_dir>/pretrained
+    model_name: str | None = None
+
+
+@dataclass
+class RetroMAEConfig:
+    model: ModelConfig
+    data: TextDataConfig
+    task: str = "retromae"
+    output_dir: str = "runs/retromae"
+    seed: int = 42
+    retromae: RetroMAESection = field(default_factory=RetroMAESection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: MLMEvalConfig = field(default_factory=MLMEvalConfig)
+    export: RetroMAEExportConfig = field(default_factory=RetroMAEExportConfig)
+
+
+def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
+    """Backbone + MLM head from ``model``, decoder new or from ``retromae.init_decoder_from``."""
+    name = resolve_model_path(cfg.model.name_or_path)
+    r = cfg.retromae
+    if r.init_decoder_from is None and (Path(name) / DECODER_WEIGHTS).is_file():
+        logger.warning(
+            "%s holds a RetroMAE decoder but retromae.init_decoder_from is unset: starting a new decoder",
+            name,
+        )
+    model = RetroMAEModel.from_pretrained(
+        name,
+        pooling=cfg.model.pooling or "cls",  # RetroMAE's sentence vector is [CLS] unless asked otherwise
+        max_seq_length=cfg.model.max_seq_length or 512,
+        decoder_layers=r.decoder_layers,
+        query_stream=r.query_stream,
+        decoder_init=r.decoder_init,
+        init_decoder_from=resolve_model_path(r.init_decoder_from) if r.init_decoder_from else None,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if cfg.train.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable()
+    return model
+
+
+def corpus_stream(
+    source: str, model: RetroMAEModel, data: TextDataConfig, stats: CorpusStats
+) -> Iterator[tuple[str, int]]:
+    """Filtered (and packed) ``(text, tokens)`` of ``source``, read lazily."""
+    tokenizer = model.tokenizer
+    budget = model.encoder.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
+    texts = iter_texts(
+        source,
+        text_field=data.text_field,
+        split=data.split,
+        on_bad_rows=data.on_bad_rows,
+        stats=stats,
+        streaming=data.streaming,
+    )
+    return filter_and_pack(
+        texts,
+        token_lengths(tokenizer),
+        min_tokens=data.min_tokens,
+        pack_to=budget if data.pack else None,
+        separator=data.pack_separator,
+        stats=stats,
+    )
+
+
+def make_dataloader(
+    cfg: RetroMAEConfig, model: RetroMAEModel, collator: RetroMAECollator, world_size: int, rank: int
+) -> tuple[Any, CorpusStats | None]:
+    """In memory: a keyed, sharded, resumable DataLoader (+ the corpus counts). Streaming: passes
+    over the source, each pass logging its own counts."""
+    data = cfg.data
+    if data.streaming:
+        accum = cfg.train.gradient_accumulation_steps
+
+        def texts() -> Iterator[str]:
+            stats = CorpusStats()
+            for text, _ in corpus_stream(data.train, model, data, stats):
+                yield text
+            logger.info("corpus pass complete: %s", stats.summary())
+
+        loader = StreamingBatches(
+            texts,
+            collator,
+            batch_size=cfg.train.batch_size,
+            num_batches=cfg.train.max_steps * accum if cfg.train.max_steps > 0 else 0,
+            world_size=world_size,
+            rank=rank,
+            seed=cfg.seed,
+            shuffle_buffer_size=data.shuffle_buffer,
+        )
+        return loader, None
+
+    stats = CorpusStats()
+    sequences = list(islice(corpus_stream(data.train, model, data, stats), data.max_texts))
+    if len(sequences) < world_size:
+        raise ValueError(f"{data.train}: {len(sequences)} usable texts ({stats.summary()})")
+    sampler = ShardedBatchSampler(
+        len(sequences),
+        cfg.train.batch_size,
+        world_size=world_size,
+        rank=rank,
+        seed=cfg.seed,
+        lengths=[n for _, n in sequences] if data.group_by_length else None,
+    )
+    loader = DataLoader(
+        KeyedTexts([t for t, _ in sequences]),
+        batch_sampler=KeyedBatches(sampler),
+        collate_fn=collator,
+        num_workers=cfg.train.num_workers,
+        generator=torch.Generator(),  # iterating must not draw from the global RNG (exact resume)
+    )
+    return loader, stats
+
+
+def make_loss_step(loss_fn: RetroMAELoss):
+    def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = loss_fn(model(batch))
+        real = float(batch["attention_mask"].sum())
+        metrics.update(
+            samples=float(batch["input_ids"].shape[0]),
+            tokens=real,
+            padding_tokens=float(batch["attention_mask"].numel()) - real,
+        )
+        return loss, metrics
+
+    return loss_step
+
+
+class MLMEvaluator:
+    """Encoder and decoder reconstruction accuracy/loss on held-out texts, with fixed masks."""
+
+    def __init__(self, texts: list[str], collator: RetroMAECollator, batch_size: int) -> None:
+        self.batches = [
+            collator([{"text": t, "key": (0, n)} for t in texts[i : i + batch_size]])
+            for n, i in enumerate(range(0, len(texts), batch_size))
+        ]
+
+    @torch.no_grad()
+    def __call__(self, model: RetroMAEModel) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        sums = {
+            "enc_loss": 0.0,
+            "enc_correct": 0.0,
+            "enc_n": 0,
+            "dec_loss": 0.0,
+            "dec_correct": 0.0,
+            "dec_n": 0,
+        }
+        for batch in self.batches:
+            out = model(send_to_device(batch, device))
+            for side, logits, targets in (
+                ("enc", out.encoder_logits, out.encoder_targets),
+                ("dec", out.decoder_logits, out.decoder_targets),
+            ):
+                sums[f"{side}_loss"] += float(
+                    torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+                )
+                sums[f"{side}_correct"] += float((logits.argmax(-1) == targets).sum())
+                sums[f"{side}_n"] += int(targets.numel())
+        model.train(was_training)
+        return {
+            f"{side}_mlm_{metric}": sums[f"{side}_{key}"] / max(sums[f"{side}_n"], 1)
+            for side in ("enc", "dec")
+            for metric, key in (("acc", "correct"), ("loss", "loss"))
+        }
+
+
+def build_evaluator(
+    cfg: RetroMAEConfig, model: RetroMAEModel, collator: RetroMAECollator
+) -> MLMEvaluator | None:
+    if cfg.eval.data is None:
+        return None
+    eval_data = TextDataConfig(
+        train=cfg.eval.data, text_field=cfg.eval.text_field, min_tokens=cfg.data.min_tokens, pack=False
+    )
+    stats = CorpusStats()
+    texts = [t for t, _ in islice(corpus_stream(cfg.eval.data, model, eval_data, stats), cfg.eval.max_texts)]
+    logger.info("eval texts: %s", stats.summary())
+    eval_collator = RetroMAECollator(
+        model.tokenizer,
+        max_seq_length=collator.max_seq_length,
+        encoder_mask_ratio=collator.encoder_mask_ratio,
+        decoder_mask_ratio=collator.decoder_mask_ratio,
+        seed=cfg.seed + 1,
+    )
+    return MLMEvaluator(texts, eval_collator, cfg.eval.batch_size)
+
+
+def resolved_training_dict(cfg: RetroMAEConfig, model: RetroMAEModel) -> dict[str, Any]:
+    """The config as run, with the encoder settings actually used (for the model card)."""
+    training = to_dict(cfg)
+    training["model"]["pooling"] = model.pooling
+    training["model"]["max_seq_length"] = model.encoder.max_seq_length
+    training["model"]["normalize"] = False
+    return training
+
+
+def save_outputs(
+    model: RetroMAEModel,
+    cfg: RetroMAEConfig,
+    pretrained_dir: Path,
+    export_dir: Path,
+    command: str | None,
+    data_summary: str,
+) -> None:
+    """The MLM checkpoint + decoder, and the sentence-transformers export of the encoder."""
+    model.save_pretrained(pretrained_dir)
+    card = render_model_card(
+        model_name=cfg.export.model_name or export_dir.name,
+        base_model=cfg.model.name_or_path,
+        results=[],
+        training=resolved_training_dict(cfg, model),
+        command=command,
+        data_summary=data_summary,
+    )
+    export_encoder(model.encoder, export_dir, model_card=card)
+
+
+def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
+    """Pretrain, evaluate reconstruction, save; returns what is written to ``<output_dir>/results.json``."""
+    output_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+
+    model = build_model(cfg)
+    collator = RetroMAECollator(
+        model.tokenizer,
+        max_seq_length=model.encoder.max_seq_length,
+        encoder_mask_ratio=cfg.retromae.encoder_mask_ratio,
+        decoder_mask_ratio=cfg.retromae.decoder_mask_ratio,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+    )
+    dataloader, stats = make_dataloader(
+        cfg, model, collator, accelerator.num_processes, accelerator.process_index
+    )
+    if stats is not None:
+        accelerator.print(f"training corpus: {stats.summary()}")
+    evaluator = build_evaluator(cfg, model, collator)
+
+    def evaluate() -> dict[str, float]:
+        return evaluator(model) if evaluator is not None else {}
+
+    before: dict[str, float] | None = None
+    if evaluator is not None and cfg.eval.before_training and accelerator.is_main_process:
+        model.to(accelerator.device)
+        before = evaluate()
+        accelerator.print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
+    accelerator.wait_for_everyone()
+
+    loss_fn = RetroMAELoss(cfg.retromae.encoder_loss_weight, cfg.retromae.decoder_loss_weight)
+    outcome = train_loop(
+        accelerator=accelerator,
+        model=model,
+        loss_step=make_loss_step(loss_fn),
+        dataloader=dataloader,
+        cfg=cfg.train,
+        output_dir=output_dir,
+        evaluate=evaluate if evaluator is not None else None,
+    )
+
+    results: dict[str, Any] = {
+        "steps": outcome["step"],
+        "train_seconds": outcome["train_seconds"],
+        "corpus": stats.summary() if stats is not None else "streamed (counts of each pass are in the log)",
+        "skipped_rows": stats.bad_rows.total if stats is not None else None,
+        "last_metrics": outcome["last_metrics"],
+    }
+    if accelerator.is_main_process:
+        if evaluator is not None:
+            results["eval_after"] = after = evaluate()
+            if before is not None:
+                results["eval_before"] = before
+            accelerator.print("after training: " + ", ".join(f"{k}={v:.4f}" for k, v in after.items()))
+        if cfg.export.enabled:
+            pretrained_dir = Path(cfg.export.pretrained_dir or output_dir / "pretrained")
+            export_dir = Path(cfg.export.dir or output_dir / "final")
+            save_outputs(
+                model, cfg, pretrained_dir, export_dir, command, f"RetroMAE pretraining on `{cfg.data.train}`"
+            )
+            results["pretrained_dir"] = str(pretrained_dir)
+            results["export_dir"] = str(export_dir)
+            accelerator.print(
+                f"saved the MLM checkpoint + decoder to {pretrained_dir}, the encoder export to {export_dir}"
+            )
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a loop checkpoint's ``model.safetensors``; tied copies (dropped on save) may be absent."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no model.safetensors (is it an ember-train checkpoint?)")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    if untied or unexpected:
+        raise ValueError(
+            f"{path}: does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def export_checkpoint(cfg: RetroMAEConfig, checkpoint: Path, out_dir: Path) -> Path:
+    """``ember-train export``: the encoder export in ``out_dir``, the MLM checkpoint + decoder in ``out_dir/mlm``."""
+    model = build_model(cfg)
+    load_checkpoint_weights(model, checkpoint)
+    save_outputs(model, cfg, out_dir / "mlm", out_dir, f"ember-train export {checkpoint} {out_dir}", None)
+    return out_dir

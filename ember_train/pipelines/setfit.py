@@ -1,0 +1,558 @@
+"""SetFit-style recipe: labelled texts -> contrastive pairs -> cosine loss on the body -> head -> export.
+
+    accelerate launch train.py --config configs/setfit_quick.yaml [section.key=value ...]
+
+Setup -> head on the frozen body and evaluate ("before") -> tune the body on generated pairs
+through the shared loop -> refit the head on the tuned body (optionally tune body and head end
+to end) -> evaluate ("after") -> export body + head. Scored sentence pairs
+(``sentence1, sentence2, score``) can be added to, or replace, the labelled texts for STS-style
+tuning with the same loss.
+
+Checkpoints hold the body *and* the head (both live in one :class:`SetFitStyleModel`). The head
+in a mid-run checkpoint is the one fitted before tuning, or at the last evaluation when
+``train.eval_every`` > 0; the final checkpoint is rewritten once the head has been refitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.data.labelled import (
+    LabelledTexts,
+    ScoredPairs,
+    load_labelled,
+    load_scored_pairs,
+    normalize_scores,
+    sample_per_label,
+)
+from ember_train.data.pairs import token_counts
+from ember_train.data.sampler import ShardedBatchSampler
+from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
+from ember_train.encoder import Encoder
+from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
+from ember_train.evaluation.base import EvalResult, percent
+from ember_train.evaluation.sts import STSEvaluator
+from ember_train.export.model_card import render_model_card
+from ember_train.losses.cosine import build_pair_loss
+from ember_train.setfit_model import SetFitStyleModel
+from ember_train.training.checkpoint import TrainState, load_model_weights, save_checkpoint
+from ember_train.training.loop import build_accelerator, train_loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SetFitDataConfig:
+    train: str | None = None  # labelled texts: `text`, `label` (a list of labels for multi-label)
+    test: str | None = None  # labelled texts for accuracy / macro-F1 before and after tuning
+    split: str = "train"  # Hub split of `train`
+    test_split: str = "test"  # Hub split of `test`
+    text_field: str = "text"
+    label_field: str = "label"
+    samples_per_label: int | None = None  # few-shot: keep N random texts per label (seeded)
+    max_test_examples: int | None = None  # evaluate on a seeded random subset of the test set
+    pairs: str | None = None  # scored pairs `sentence1`, `sentence2`, `score` for STS-style tuning
+    test_pairs: str | None = None  # scored pairs for an STS evaluation (Spearman) before and after
+    score_range: list[float] | None = (
+        None  # [low, high] of the score scale (e.g. [0, 5]); default: data min/max
+    )
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.train is None and self.pairs is None:
+            raise ValueError("give data.train (labelled texts) and/or data.pairs (scored pairs)")
+        if self.score_range is not None and len(self.score_range) != 2:
+            raise ValueError("score_range must be [low, high]")
+
+
+@dataclass
+class PairGenerationConfig:
+    strategy: Literal["oversampling", "undersampling", "unique"] = "oversampling"
+    num_iterations: int | None = None  # k positive + k negative pairs per text; overrides strategy
+    include_self_pairs: bool = False
+    loss: Literal["cosine_mse", "cosent"] = "cosine_mse"
+    cosent_scale: float = 20.0
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["logistic_regression", "linear"] = "logistic_regression"
+    C: float = 1.0  # logistic regression: inverse L2 strength
+    max_iter: int = 1000  # logistic regression
+    epochs: int = 100  # linear head on frozen embeddings
+    learning_rate: float = 1e-2  # linear head on frozen embeddings
+    batch_size: int = 32
+    end_to_end: bool = False  # linear head only: then tune body + head with cross-entropy
+    end_to_end_epochs: int = 1
+    end_to_end_learning_rate: float = 1e-5
+    threshold: float = 0.5  # multi-label decision threshold
+
+    def __post_init__(self) -> None:
+        if self.end_to_end and self.type != "linear":
+            raise ValueError("end_to_end needs head.type: linear (a logistic regression has no gradient)")
+
+
+@dataclass
+class SetFitEvalConfig:
+    batch_size: int = 64
+    before_training: bool = True
+
+
+@dataclass
+class SetFitExportConfig:
+    enabled: bool = True
+    dir: str | None = None  # default: <output_dir>/final
+    model_name: str | None = None
+
+
+@dataclass
+class SetFitConfig:
+    model: ModelConfig
+    data: SetFitDataConfig
+    task: str = "setfit"
+    output_dir: str = "runs/setfit"
+    seed: int = 42
+    pairs: PairGenerationConfig = field(default_factory=PairGenerationConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=16, learning_rate=2e-5))
+    eval: SetFitEvalConfig = field(default_factory=SetFitEvalConfig)
+    export: SetFitExportConfig = field(default_factory=SetFitExportConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for body tuning
+
+
+class ScoredPairDataset(Dataset):
+    """Scored pairs as ``{"text1", "text2", "label"}`` items, the score mapped onto [0, 1]."""
+
+    def __init__(self, pairs: ScoredPairs, score_range: list[float] | None) -> None:
+        low, high = score_range if score_range is not None else (None, None)
+        self.pairs = pairs
+        self.targets = normalize_scores(pairs.scores, low, high)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {"text1": self.pairs.sentence1[k], "text2": self.pairs.sentence2[k], "label": self.targets[k]}
+
+
+class PairCollator:
+    """Tokenize both sides of every pair in one padded batch (one forward pass per step)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [it["text1"] for it in items] + [it["text2"] for it in items]
+        return {
+            "features": self.encoder.tokenize(texts),
+            "label": torch.tensor([float(it["label"]) for it in items]),
+        }
+
+
+class TextCollator:
+    """Labelled texts -> tokenized features + head targets (end-to-end tuning)."""
+
+    def __init__(self, encoder: Encoder, head: LinearHead) -> None:
+        self.encoder = encoder
+        self.head = head
+
+    def __call__(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {
+            "features": self.encoder.tokenize([t for t, _ in items]),
+            "targets": self.head.targets([label for _, label in items]),
+        }
+
+
+def build_pair_dataset(
+    train: LabelledTexts | None, scored: ScoredPairs | None, cfg: SetFitConfig
+) -> tuple[Dataset, dict[str, int]]:
+    """Generated SetFit pairs and/or scored pairs; returns the dataset and its counts."""
+    parts: list[Dataset] = []
+    counts: dict[str, int] = {}
+    if train is not None:
+        pairs = ContrastivePairs(
+            train.texts,
+            train.labels,
+            strategy=cfg.pairs.strategy,
+            num_iterations=cfg.pairs.num_iterations,
+            include_self_pairs=cfg.pairs.include_self_pairs,
+            seed=cfg.seed,
+            multi_label=train.multi_label,
+        )
+        parts.append(pairs)
+        counts.update(
+            distinct_positive_pairs=pairs.n_positive,
+            distinct_negative_pairs=pairs.n_negative,
+            positive_items=pairs.n_pos_items,
+            negative_items=pairs.n_neg_items,
+        )
+    if scored is not None:
+        parts.append(ScoredPairDataset(scored, cfg.data.score_range))
+        counts["scored_pairs"] = len(scored)
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    counts["pairs_per_epoch"] = len(dataset)
+    return dataset, counts
+
+
+def make_pair_loss_step(loss_fn: torch.nn.Module):
+    """Embed both sides in one forward, then the cosine loss against the pair targets."""
+
+    def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        embeddings = model(batch["features"], output="embedding")
+        size = batch["label"].shape[0]
+        loss = loss_fn(embeddings[:size], embeddings[size:], batch["label"])
+        return loss, {"samples": float(size), **token_counts(batch["features"])}
+
+    return loss_step
+
+
+def make_head_loss_step(head: LinearHead):
+    def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["features"], output="logits")
+        return head.loss(logits, batch["targets"]), {"samples": float(logits.shape[0])}
+
+    return loss_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Head and evaluation
+
+
+def fit_head(
+    encoder: Encoder, data: LabelledTexts, cfg: HeadConfig, *, seed: int, batch_size: int
+) -> LinearHead:
+    """Fit the configured head on the (frozen) body's embeddings of ``data``."""
+    embeddings = encoder.encode(data.texts, batch_size=batch_size).numpy()
+    if cfg.type == "logistic_regression":
+        return fit_logistic_regression(
+            embeddings, data.labels, multi_label=data.multi_label, C=cfg.C, max_iter=cfg.max_iter, seed=seed
+        )
+    torch.manual_seed(seed)
+    head = LinearHead(encoder.dim, data.label_names(), multi_label=data.multi_label)
+    fit_linear_head(
+        head, embeddings, data.labels, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size, seed=seed,
+    )  # fmt: skip
+    return head
+
+
+def classification_scores(y_true: list[Any], y_pred: list[Any], multi_label: bool) -> dict[str, float]:
+    """Accuracy (exact match for multi-label) and macro-F1, as fractions."""
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    if multi_label:
+        binarizer = MultiLabelBinarizer().fit(list(y_true) + list(y_pred))
+        t, p = binarizer.transform(y_true), binarizer.transform(y_pred)
+        return {"accuracy": accuracy_score(t, p), "f1": f1_score(t, p, average="macro", zero_division=0)}
+    # Labels are compared as they are; macro-F1 averages over every label seen in truth or prediction.
+    return {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+    }
+
+
+def evaluate_classifier(
+    model: SetFitStyleModel, data: LabelledTexts, *, name: str, batch_size: int, threshold: float = 0.5
+) -> EvalResult:
+    """Accuracy and macro-F1 (``f1``, MTEB's name) ×100 on ``data``."""
+    predictions = model.predict(data.texts, batch_size=batch_size, threshold=threshold)
+    fractions = classification_scores(data.labels, predictions, data.multi_label)
+    return EvalResult(
+        task_type="Classification",
+        dataset=name,
+        split="test",
+        metrics=percent(fractions),
+        main_metric="accuracy",
+        extra={"num_test": len(data), "num_labels": len(model.labels), "multi_label": data.multi_label},
+    )
+
+
+def _set_head(model: SetFitStyleModel, head: LinearHead) -> None:
+    """Copy ``head``'s weights into the model's head in place (the optimizer/DDP keep their references)."""
+    with torch.no_grad():
+        model.head.linear.weight.copy_(head.linear.weight)
+        model.head.linear.bias.copy_(head.linear.bias)
+    model.head.kind = head.kind
+
+
+def _subsample(data: LabelledTexts, limit: int | None, seed: int) -> LabelledTexts:
+    if limit is None or len(data) <= limit:
+        return data
+    rows = sorted(random.Random(seed).sample(range(len(data)), limit))
+    return data.subset(rows)
+
+
+def _pairing(cfg: SetFitConfig) -> str:
+    if cfg.pairs.num_iterations:
+        return f"{cfg.pairs.num_iterations} positive and {cfg.pairs.num_iterations} negative pairs per text"
+    return f"strategy `{cfg.pairs.strategy}`"
+
+
+def _head_card_section(
+    head: LinearHead | None,
+    before: EvalResult | None,
+    after: EvalResult | None,
+    counts: dict[str, int],
+    cfg: SetFitConfig,
+) -> str:
+    lines = ["## SetFit-style classification", ""]
+    if head is not None:
+        kind = "logistic regression (scikit-learn)" if head.kind == "logistic_regression" else "linear layer"
+        lines += [
+            f"The body was tuned on {counts.get('pairs_per_epoch', 0)} generated pairs per epoch "
+            f"({_pairing(cfg)}, loss `{cfg.pairs.loss}`); "
+            f"a {kind} head over {len(head.labels)} labels"
+            f"{' (multi-label)' if head.multi_label else ''} is stored in `head/`.",
+            "",
+        ]
+    if after is not None:
+        lines += ["| Model | Accuracy | Macro-F1 |", "|---|---:|---:|"]
+        if before is not None:
+            lines.append(
+                f"| before tuning (frozen body + head) | {before.metrics['accuracy']:.2f} | {before.metrics['f1']:.2f} |"
+            )
+        lines += [f"| after tuning | {after.metrics['accuracy']:.2f} | {after.metrics['f1']:.2f} |", ""]
+        lines += [f"Test set: `{after.dataset}`, {after.extra.get('num_test')} texts.", ""]
+    if head is not None:
+        lines += [
+            "```python",
+            "from ember_train.setfit_model import SetFitStyleModel",
+            "",
+            'model = SetFitStyleModel.from_pretrained("path/to/this/model")',
+            'model.predict(["a text to classify"])',
+            'model.predict_proba(["a text to classify"])',
+            "```",
+            "",
+            "or `ember-train predict path/to/this/model --text 'a text to classify' --proba`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
+    """Tune, fit the head, evaluate and export; returns what is written to ``<output_dir>/results.json``."""
+    output_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    data = cfg.data
+
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    if cfg.train.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable()
+    encoder.to(accelerator.device)
+
+    read = {"text_field": data.text_field, "label_field": data.label_field, "on_bad_rows": data.on_bad_rows}
+    train = load_labelled(data.train, split=data.split, **read) if data.train else None
+    if train is not None and data.samples_per_label:
+        train = sample_per_label(train, data.samples_per_label, cfg.seed)
+    test = load_labelled(data.test, split=data.test_split, **read) if data.test else None
+    if test is not None:
+        test = _subsample(test, data.max_test_examples, cfg.seed)
+    scored = (
+        load_scored_pairs(data.pairs, split=data.split, on_bad_rows=data.on_bad_rows) if data.pairs else None
+    )
+    sts = None
+    if data.test_pairs:
+        held_out = load_scored_pairs(data.test_pairs, split=data.test_split, on_bad_rows=data.on_bad_rows)
+        sts = STSEvaluator(
+            held_out.sentence1, held_out.sentence2, held_out.scores,
+            name=Path(data.test_pairs).stem, batch_size=cfg.eval.batch_size,
+        )  # fmt: skip
+    if train is not None:
+        accelerator.print(f"labelled texts: {len(train)} ({len(train.label_names())} labels)")
+    test_name = Path(data.test).stem if data.test else "test"
+    batch_size = cfg.eval.batch_size
+
+    # Before: the frozen body with a head fitted on its embeddings (every process fits the same head).
+    head = (
+        fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size)
+        if train is not None
+        else None
+    )
+    model = SetFitStyleModel(encoder, head)
+    model.to(accelerator.device)
+    before: dict[str, EvalResult] = {}
+    if cfg.eval.before_training and accelerator.is_main_process:
+        if head is not None and test is not None:
+            before["classification"] = evaluate_classifier(
+                model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
+            )
+        if sts is not None:
+            before["sts"] = sts(encoder)
+        for result in before.values():
+            accelerator.print(f"before tuning: {result}")
+    if head is not None:
+        head.requires_grad_(False)  # pair tuning trains the body only
+        if accelerator.is_main_process:
+            head.save(output_dir / HEAD_DIR)  # label list for `ember-train export` of any checkpoint
+    accelerator.wait_for_everyone()
+
+    # Body tuning on generated (and/or scored) pairs, through the shared loop.
+    dataset, counts = build_pair_dataset(train, scored, cfg)
+    accelerator.print(f"pairs: {counts}")
+    sampler = PairBatchSampler(
+        len(dataset), cfg.train.batch_size,
+        world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
+    )  # fmt: skip
+    dataloader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=PairCollator(encoder), num_workers=cfg.train.num_workers
+    )
+    loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)
+
+    def evaluate_during() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if head is not None and test is not None:
+            _set_head(model, fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size))
+            metrics.update(
+                evaluate_classifier(
+                    model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
+                ).metrics
+            )
+        if sts is not None:
+            metrics.update(sts(encoder).metrics)
+        return metrics
+
+    outcome = train_loop(
+        accelerator=accelerator,
+        model=model,
+        loss_step=make_pair_loss_step(loss_fn),
+        dataloader=dataloader,
+        cfg=cfg.train,
+        output_dir=output_dir,
+        evaluate=evaluate_during if (test is not None and head is not None) or sts is not None else None,
+    )
+    results: dict[str, Any] = {
+        "steps": outcome["step"],
+        "train_seconds": outcome["train_seconds"],
+        "train_texts": len(train) if train is not None else 0,
+        "pairs": counts,
+        "last_metrics": outcome["last_metrics"],
+    }
+
+    # Head on the tuned body; the final checkpoint is rewritten so it holds this head.
+    if head is not None:
+        _set_head(model, fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size))
+        save_checkpoint(
+            accelerator,
+            output_dir,
+            TrainState(step=outcome["step"], epoch=outcome["epoch"]),
+            cfg.train.keep_checkpoints,
+        )
+        if cfg.head.end_to_end:
+            results["end_to_end"] = _tune_end_to_end(accelerator, model, train, cfg, output_dir)
+
+    if accelerator.is_main_process:
+        after: dict[str, EvalResult] = {}
+        if head is not None and test is not None:
+            after["classification"] = evaluate_classifier(
+                model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
+            )
+        if sts is not None:
+            after["sts"] = sts(encoder)
+        for key, result in after.items():
+            results[f"eval_after_{key}"] = result.to_dict()
+            line = f"after tuning: {result}"
+            if key in before:
+                results[f"eval_before_{key}"] = before[key].to_dict()
+                line = f"{result.main_metric} before -> after: {before[key].main_score:.2f} -> {result.main_score:.2f}"
+            accelerator.print(line)
+        if cfg.export.enabled:
+            export_dir = Path(cfg.export.dir or output_dir / "final")
+            card = render_model_card(
+                model_name=cfg.export.model_name or export_dir.name,
+                base_model=cfg.model.name_or_path,
+                results=list(after.values()),
+                training=to_dict(cfg),
+                command=command,
+                data_summary=_data_summary(train, scored, cfg),
+            )
+            card += "\n" + _head_card_section(
+                model.head, before.get("classification"), after.get("classification"), counts, cfg
+            )
+            model.save_pretrained(export_dir, model_card=card)
+            results["export_dir"] = str(export_dir)
+            accelerator.print(f"exported to {export_dir}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _tune_end_to_end(
+    accelerator: Any, model: SetFitStyleModel, train: LabelledTexts, cfg: SetFitConfig, output_dir: Path
+) -> dict[str, Any]:
+    """Cross-entropy through body and head, starting from the head fitted on the tuned body."""
+    head = model.head
+    head.requires_grad_(True)
+    e2e_cfg = copy.deepcopy(cfg.train)
+    e2e_cfg.epochs = cfg.head.end_to_end_epochs
+    e2e_cfg.max_steps = -1
+    e2e_cfg.learning_rate = cfg.head.end_to_end_learning_rate
+    sampler = ShardedBatchSampler(
+        len(train), cfg.head.batch_size,
+        world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
+    )  # fmt: skip
+    examples = list(zip(train.texts, train.labels, strict=True))
+    dataloader = DataLoader(examples, batch_sampler=sampler, collate_fn=TextCollator(model.body, head))
+    outcome = train_loop(
+        accelerator=accelerator,
+        model=model,
+        loss_step=make_head_loss_step(head),
+        dataloader=dataloader,
+        cfg=e2e_cfg,
+        output_dir=output_dir / "end_to_end",
+    )
+    head.kind = "linear"
+    return {
+        "steps": outcome["step"],
+        "train_seconds": outcome["train_seconds"],
+        "last_metrics": outcome["last_metrics"],
+    }
+
+
+def _data_summary(train: LabelledTexts | None, scored: ScoredPairs | None, cfg: SetFitConfig) -> str:
+    parts = []
+    if train is not None:
+        parts.append(f"{len(train)} labelled texts from `{cfg.data.train}`")
+    if scored is not None:
+        parts.append(f"{len(scored)} scored pairs from `{cfg.data.pairs}`")
+    return "; ".join(parts)
+
+
+def export_checkpoint(cfg: SetFitConfig, checkpoint: Path, out_dir: Path) -> Path:
+    """``ember-train export``: body and head exactly as a checkpoint holds them."""
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    # <run>/checkpoints/step_N, or <run>/end_to_end/checkpoints/step_N: the head's labels are in <run>/head.
+    run_dir = Path(checkpoint).parent.parent
+    head_dirs = [d / HEAD_DIR for d in (run_dir, run_dir.parent) if (d / HEAD_DIR).is_dir()]
+    head = LinearHead.load(head_dirs[0]) if head_dirs else None
+    model = SetFitStyleModel(encoder, head)
+    load_model_weights(model, checkpoint)
+    card = render_model_card(
+        model_name=out_dir.name,
+        base_model=cfg.model.name_or_path,
+        results=[],
+        training=to_dict(cfg),
+        command=f"ember-train export {checkpoint} {out_dir}",
+    )
+    return model.save_pretrained(out_dir, model_card=card)

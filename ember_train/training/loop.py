@@ -1,0 +1,213 @@
+"""The training loop every pipeline shares, built on accelerate. Read it top to bottom.
+
+The only pipeline-specific piece is ``loss_step(model, batch) -> (loss, metrics)``. Everything
+else (optimizer, schedule, accumulation, clipping, precision, non-finite guards, logging,
+evaluation, checkpoints and exact resume) is here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ember_train.config.schema import TrainConfig
+from ember_train.training.checkpoint import TrainState, resolve_resume, save_checkpoint
+from ember_train.training.logging import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+LossStep = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive NaN/Inf steps (a checkpoint is saved first)."""
+
+
+def build_accelerator(cfg: TrainConfig, output_dir: str | Path, seed: int, run_config: dict | None = None) -> Accelerator:
+    """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``."""
+    log_with = ["wandb"] if "wandb" in cfg.report_to else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(output_dir))
+    if log_with:
+        init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
+        accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
+    # Different seeds per process would desynchronise dropout-free parts of the model init; keep one.
+    set_seed(seed)
+    return accelerator
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and normalisation weights (the BERT convention)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def _set_epoch(dataloader: Any, epoch: int, start_batch: int) -> int:
+    """Select the epoch's order and skip consumed batches; returns how many batches to skip by hand."""
+    sampler = getattr(dataloader, "batch_sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch, start_batch=start_batch)
+        return 0
+    return start_batch  # a plain or iterable loader: skip by consuming, deterministic if its order is
+
+
+def train_loop(
+    *,
+    accelerator: Accelerator,
+    model: nn.Module,
+    loss_step: LossStep,
+    dataloader: Any,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
+
+    ``dataloader`` is not passed through ``accelerator.prepare``: pipelines give each process its
+    own shard through ``ShardedBatchSampler`` (exact epochs, resumable order). ``evaluate`` runs
+    on the main process every ``cfg.eval_every`` steps; the pipeline runs it before and after.
+    """
+    output_dir = Path(output_dir)
+    accum = cfg.gradient_accumulation_steps
+    batches_per_epoch = len(dataloader)
+    steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    checkpoint = resolve_resume(cfg.resume, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.batch_in_epoch)
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+
+    metrics_logger = MetricsLogger(accelerator, output_dir, cfg.report_to)
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True
+    )
+    last_logged: dict[str, float] = {}
+    start_time = time.perf_counter()
+    model.train()
+
+    while state.step < total_steps:
+        skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
+        for batch in dataloader:
+            if skip:
+                skip -= 1
+                continue
+            state.batch_in_epoch += 1
+            sync = state.batch_in_epoch % accum == 0 or state.batch_in_epoch == batches_per_epoch
+            batch = send_to_device(batch, accelerator.device)
+
+            # Forward + backward; gradients are only all-reduced on the last micro-batch.
+            context = accelerator.no_sync(model) if not sync else nullcontext()
+            with context:
+                with accelerator.autocast():
+                    loss, step_metrics = loss_step(model, batch)
+                finite = _all_finite(accelerator, loss.detach())
+                if finite:
+                    accelerator.backward(loss / accum)
+            metrics_logger.accumulate({"loss": loss.item(), **step_metrics} if finite else step_metrics)
+
+            if not sync:
+                continue
+            grad_norm = _clip_and_norm(accelerator, model, cfg.max_grad_norm)
+            if finite and math.isfinite(grad_norm):
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips the step
+                    scheduler.step()
+                state.nonfinite_streak = 0
+            else:
+                state.nonfinite_streak += 1
+                logger.warning(
+                    "step %d: non-finite %s; skipping the update (%d in a row)",
+                    state.step + 1, "loss" if not finite else "gradient", state.nonfinite_streak,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            progress.update(1)
+
+            if state.nonfinite_streak >= cfg.max_nonfinite_steps:
+                path = save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                raise NonFiniteLossError(
+                    f"stopping at step {state.step}: {state.nonfinite_streak} consecutive non-finite losses or "
+                    f"gradients (max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at {path}"
+                )
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                extra = {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": state.epoch}
+                last_logged = metrics_logger.flush(state.step, extra)
+                progress.set_postfix(_postfix(last_logged))
+            if evaluate is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
+                _run_eval(accelerator, evaluate, metrics_logger, state.step)
+            if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+            if state.step >= total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+
+    progress.close()
+    save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "train_seconds": time.perf_counter() - start_time,
+        "last_metrics": last_logged,
+        "model": accelerator.unwrap_model(model),
+    }
+
+
+def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process; all processes must agree to skip a step."""
+    flag = torch.isfinite(loss).all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    return bool(flag.item() == 1.0)
+
+
+def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
+    """Clip (if asked) and return the global gradient norm, identical on every process."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+def _run_eval(accelerator: Accelerator, evaluate: Callable[[], dict[str, float]], metrics_logger: MetricsLogger, step: int) -> None:
+    if accelerator.is_main_process:
+        results = evaluate()
+        metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
+        accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    accelerator.wait_for_everyone()
+
+
+def _postfix(record: dict[str, float]) -> dict[str, str]:
+    shown = {"loss": "loss", "lr": "lr", "samples_per_s": "samples/s", "tokens_per_s": "tok/s"}
+    return {label: f"{record[key]:.3g}" for key, label in shown.items() if key in record}
