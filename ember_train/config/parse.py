@@ -99,7 +99,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", p
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r} (known keys in this section: {known})")
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys in this section: {known})")
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}{name}"

@@ -41,7 +41,7 @@ def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empt
     if value is None and allow_empty:
         return []
     if isinstance(value, str):
-        value = [value]
+        return [check_text(value, source=source, row=row, field=field_name)]
     if not isinstance(value, list | tuple):
         raise DataError(
             source, row, f"field {field_name!r} must be a string or a list of strings, got {type(value).__name__}",

@@ -114,7 +114,11 @@ def train_loop(
 
     while state.step < total_steps:
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
-        for batch in dataloader:
+        # Creating a DataLoader iterator draws from the global RNG; keep it out of the stream so
+        # a resumed run's dropout masks are those of the uninterrupted run.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(dataloader)
+        for batch in batches:
             if skip:
                 skip -= 1
                 continue

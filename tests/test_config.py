@@ -1,0 +1,97 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from ember_train.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml
+from ember_train.config.schema import ModelConfig, TrainConfig
+
+
+@dataclass
+class _Section:
+    name: str
+    size: int = 1
+    ratio: float = 0.5
+    tags: list[str] = field(default_factory=list)
+    maybe: int | None = None
+
+
+@dataclass
+class _Top:
+    section: _Section
+    flag: bool = False
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_with_type_conversion():
+    data = apply_overrides(
+        {"section": {"name": "a"}},
+        ["section.size=7", "section.ratio=1e-4", "flag=true", "section.tags=[x, y]", "section.maybe=null"],
+    )
+    cfg = from_dict(_Top, data, source="x.yaml")
+    assert cfg.section.size == 7
+    assert cfg.section.ratio == pytest.approx(1e-4)  # PyYAML reads 1e-4 as a string; accepted as float
+    assert cfg.flag is True
+    assert cfg.section.tags == ["x", "y"]
+    assert cfg.section.maybe is None
+
+
+def test_unknown_key_names_key_and_file():
+    with pytest.raises(ConfigError, match=r"x\.yaml: unknown key 'section\.sizee'"):
+        from_dict(_Top, {"section": {"name": "a", "sizee": 3}}, source="x.yaml")
+
+
+def test_wrong_type_names_key_and_file():
+    with pytest.raises(ConfigError, match=r"x\.yaml: section\.size: expected an integer, got 'big'"):
+        from_dict(_Top, {"section": {"name": "a", "size": "big"}}, source="x.yaml")
+    with pytest.raises(ConfigError, match=r"flag: expected true/false"):
+        from_dict(_Top, {"section": {"name": "a"}, "flag": "yes please"}, source="x.yaml")
+
+
+def test_missing_required_value():
+    with pytest.raises(ConfigError, match=r"x\.yaml: missing required key 'section\.name'"):
+        from_dict(_Top, {"section": {}}, source="x.yaml")
+
+
+def test_post_init_checks_become_config_errors():
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        from_dict(ModelConfig, {"name_or_path": "m", "pooling": "avg"}, source="x.yaml")
+    with pytest.raises(ConfigError, match="report_to"):
+        from_dict(TrainConfig, {"report_to": ["tensorboardx"]}, source="x.yaml")
+
+
+def test_override_syntax_is_key_equals_value():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["--lr", "3"])
+
+
+def test_load_config_dispatches_on_task(tmp_path):
+    path = _write(tmp_path, "task: contrastive\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\n")
+    cfg = load_config(str(path), ["train.batch_size=8", "loss.temperature=0.05"])
+    assert type(cfg).__name__ == "ContrastiveConfig"
+    assert cfg.train.batch_size == 8 and cfg.loss.temperature == 0.05
+    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown key 'train\.batchsize'"):
+        load_config(str(path), ["train.batchsize=8"])
+    bad = _write(tmp_path, "task: distillation\n")
+    with pytest.raises(ConfigError, match="not a pipeline"):
+        load_config(str(bad))
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    path = _write(tmp_path, "task: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        read_yaml(path)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    configs = [p for p in root.glob("*.yaml")]
+    assert configs
+    for path in configs:
+        load_config(str(path))
