@@ -1,7 +1,7 @@
 """Train an embedding model from one YAML config.
 
-    accelerate launch train.py --config configs/quickstart.yaml [section.key=value ...]
-    python train.py --config configs/quickstart.yaml train.max_steps=10
+accelerate launch train.py --config configs/quickstart.yaml [section.key=value ...]
+python train.py --config configs/quickstart.yaml train.max_steps=10
 """
 
 import sys

@@ -27,7 +27,9 @@ def train_command(args: argparse.Namespace) -> int:
     from ember_train.pipelines import get_pipeline
 
     pipeline = get_pipeline(cfg.task)
-    command = "accelerate launch train.py " + " ".join(shlex.quote(a) for a in ["--config", args.config, *args.overrides])
+    command = "accelerate launch train.py " + " ".join(
+        shlex.quote(a) for a in ["--config", args.config, *args.overrides]
+    )
     pipeline.run(cfg, command=command)
     return 0
 

@@ -32,12 +32,18 @@ def read_pairs(path: Path, max_long_chars: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, required=True, help="directory with train.jsonl.gz and dev.jsonl.gz")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source", type=Path, required=True, help="directory with train.jsonl.gz and dev.jsonl.gz"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/quickstart"))
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--dev-size", type=int, default=500)
-    parser.add_argument("--max-long-chars", type=int, default=1000, help="truncate long descriptions (keeps the repo small)")
+    parser.add_argument(
+        "--max-long-chars", type=int, default=1000, help="truncate long descriptions (keeps the repo small)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -10,7 +10,10 @@ def test_mean_pooling_ignores_padding(tiny_bert_path):
     together = encoder.encode([short, long], batch_size=2)
     # Batch of two pads the short text; its vector must not change.
     assert torch.allclose(alone[0], together[0], atol=1e-5)
-    assert encoder.tokenize([short, long])["attention_mask"][0].sum() < encoder.tokenize([long])["attention_mask"][0].sum()
+    assert (
+        encoder.tokenize([short, long])["attention_mask"][0].sum()
+        < encoder.tokenize([long])["attention_mask"][0].sum()
+    )
 
 
 def test_pool_modes_on_hand_case():
@@ -32,7 +35,9 @@ def test_prefixes_applied(tiny_bert_path):
     assert q == encoder.tokenize(["query: hello"])["input_ids"][0].tolist()
     assert d == encoder.tokenize(["passage: hello"])["input_ids"][0].tolist()
     assert len(plain) < len(q)
-    assert not torch.equal(encoder.encode(["hello"], kind="query"), encoder.encode(["hello"], kind="document"))
+    assert not torch.equal(
+        encoder.encode(["hello"], kind="query"), encoder.encode(["hello"], kind="document")
+    )
 
 
 def test_normalize_gives_unit_vectors(tiny_bert_path):

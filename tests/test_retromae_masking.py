@@ -20,6 +20,32 @@ def corpus_texts(n: int | None = None) -> list[str]:
     return [json.loads(line)["text"] for line in lines[:n]]
 
 
+def train_wordpiece(vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    """A small uncased BERT-style WordPiece tokenizer trained offline on the fixture corpus."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        corpus_texts(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+
+
 def train_tokenizer(kind: str, *, with_mask: bool = True) -> PreTrainedTokenizerFast:
     """A small BPE tokenizer trained offline on the fixture corpus (byte-level or Metaspace)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

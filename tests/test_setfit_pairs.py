@@ -101,7 +101,9 @@ def test_num_iterations_self_pairs_only_when_asked():
     labels = ["a", "a", "b", "b", "c", "c"]
     ds = ContrastivePairs([str(i) for i in range(6)], labels, num_iterations=50, seed=1)
     assert all(i != j for i, j, _ in all_pairs(ds))
-    ds = ContrastivePairs([str(i) for i in range(6)], labels, num_iterations=50, seed=1, include_self_pairs=True)
+    ds = ContrastivePairs(
+        [str(i) for i in range(6)], labels, num_iterations=50, seed=1, include_self_pairs=True
+    )
     assert any(i == j for i, j, _ in all_pairs(ds))
 
 
@@ -121,7 +123,9 @@ def test_reproducible_with_a_seed_and_different_across_seeds():
 def test_multi_label_pairs_match_brute_force():
     label_sets = [["a"], ["a", "b"], ["b"], ["c"], ["c", "a"], [], ["d"]] * 3
     n = len(label_sets)
-    brute_pos = {(i, j) for i, j in itertools.combinations(range(n), 2) if set(label_sets[i]) & set(label_sets[j])}
+    brute_pos = {
+        (i, j) for i, j in itertools.combinations(range(n), 2) if set(label_sets[i]) & set(label_sets[j])
+    }
     ds = ContrastivePairs([str(i) for i in range(n)], label_sets, strategy="unique", seed=2)
     assert ds.multi_label
     assert ds.n_positive == len(brute_pos)

@@ -44,7 +44,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} matches none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} matches none of {tp}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {key}: {value!r} is not one of {list(args)}")
@@ -99,7 +101,9 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", p
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys in this section: {known})")
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys in this section: {known})"
+        )
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}{name}"

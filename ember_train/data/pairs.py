@@ -44,7 +44,9 @@ def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empt
         return [check_text(value, source=source, row=row, field=field_name)]
     if not isinstance(value, list | tuple):
         raise DataError(
-            source, row, f"field {field_name!r} must be a string or a list of strings, got {type(value).__name__}",
+            source,
+            row,
+            f"field {field_name!r} must be a string or a list of strings, got {type(value).__name__}",
             reason=f"bad type {field_name}",
         )
     if not value and not allow_empty:
@@ -52,18 +54,31 @@ def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empt
     return [check_text(v, source=source, row=row, field=f"{field_name}[{i}]") for i, v in enumerate(value)]
 
 
-def parse_pair_row(record: dict, *, columns: PairColumns, source: str, row: int, num_negatives: int) -> list[PairExample]:
+def parse_pair_row(
+    record: dict, *, columns: PairColumns, source: str, row: int, num_negatives: int
+) -> list[PairExample]:
     """Validate one row and expand it into one example per positive."""
     if columns.query not in record:
         raise DataError(source, row, f"field {columns.query!r} is missing", reason=f"missing {columns.query}")
     query = check_text(record.get(columns.query), source=source, row=row, field=columns.query)
     if columns.pos not in record or record[columns.pos] is None:
-        raise DataError(source, row, f"row has no positive (field {columns.pos!r} is missing)", reason=f"missing {columns.pos}")
-    positives = _text_list(record[columns.pos], source=source, row=row, field_name=columns.pos, allow_empty=False)
-    negatives = _text_list(record.get(columns.neg), source=source, row=row, field_name=columns.neg, allow_empty=True)
+        raise DataError(
+            source,
+            row,
+            f"row has no positive (field {columns.pos!r} is missing)",
+            reason=f"missing {columns.pos}",
+        )
+    positives = _text_list(
+        record[columns.pos], source=source, row=row, field_name=columns.pos, allow_empty=False
+    )
+    negatives = _text_list(
+        record.get(columns.neg), source=source, row=row, field_name=columns.neg, allow_empty=True
+    )
     if num_negatives and len(negatives) == 0:
         raise DataError(
-            source, row, f"field {columns.neg!r} needs at least one hard negative (loss.num_negatives={num_negatives})",
+            source,
+            row,
+            f"field {columns.neg!r} needs at least one hard negative (loss.num_negatives={num_negatives})",
             reason=f"missing {columns.neg}",
         )
     return [PairExample(query, p, negatives) for p in positives]
@@ -83,13 +98,18 @@ def load_pairs(
     bad = BadRows()
     examples: list[PairExample] = []
     rows = 0
+
     def on_error(error: DataError) -> None:
         handle_bad_row(error, on_bad_rows, bad)
 
     for row, record in iter_records(source, split=split, on_error=on_error):
         rows += 1
         try:
-            examples.extend(parse_pair_row(record, columns=columns, source=str(source), row=row, num_negatives=num_negatives))
+            examples.extend(
+                parse_pair_row(
+                    record, columns=columns, source=str(source), row=row, num_negatives=num_negatives
+                )
+            )
         except DataError as e:
             handle_bad_row(e, on_bad_rows, bad)
         if limit is not None and len(examples) >= limit:

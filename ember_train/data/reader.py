@@ -77,7 +77,10 @@ def check_text(value: Any, *, source: str, row: int, field: str) -> str:
         raise DataError(source, row, f"field {field!r} is missing", reason=f"missing {field}")
     if not isinstance(value, str):
         raise DataError(
-            source, row, f"field {field!r} must be a string, got {type(value).__name__}", reason=f"non-string {field}"
+            source,
+            row,
+            f"field {field!r} must be a string, got {type(value).__name__}",
+            reason=f"non-string {field}",
         )
     if not value.strip():
         raise DataError(source, row, f"field {field!r} is empty", reason=f"empty {field}")
@@ -112,7 +115,9 @@ def _parse_json_line(raw: bytes, source: str, line_no: int) -> dict | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(source, line_no, f"invalid UTF-8 ({e.reason} at byte {e.start})", reason="invalid UTF-8") from None
+        raise DataError(
+            source, line_no, f"invalid UTF-8 ({e.reason} at byte {e.start})", reason="invalid UTF-8"
+        ) from None
     if not line.strip():
         return None
     if "\x00" in line:
@@ -120,9 +125,13 @@ def _parse_json_line(raw: bytes, source: str, line_no: int) -> dict | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(source, line_no, f"invalid JSON ({e.msg} at column {e.colno})", reason="invalid JSON") from None
+        raise DataError(
+            source, line_no, f"invalid JSON ({e.msg} at column {e.colno})", reason="invalid JSON"
+        ) from None
     if not isinstance(record, dict):
-        raise DataError(source, line_no, f"expected a JSON object, got {type(record).__name__}", reason="not an object")
+        raise DataError(
+            source, line_no, f"expected a JSON object, got {type(record).__name__}", reason="not an object"
+        )
     return record
 
 
@@ -144,7 +153,9 @@ def _iter_json_array(path: Path, on_error: ErrorHandler | None = None) -> Iterat
         raise DataError(source, e.lineno, f"invalid JSON ({e.msg})", reason="invalid JSON") from None
     for i, record in enumerate(records, start=1):
         if not isinstance(record, dict):
-            raise DataError(source, i, f"expected a JSON object, got {type(record).__name__}", reason="not an object")
+            raise DataError(
+                source, i, f"expected a JSON object, got {type(record).__name__}", reason="not an object"
+            )
         yield i, record
 
 
@@ -188,7 +199,9 @@ def _iter_file(path: Path, on_error: ErrorHandler | None) -> Iterator[tuple[int,
         yield from _iter_parquet(path)
     else:
         raise DataError(
-            str(path), None, f"unsupported file type; use one of {JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES}"
+            str(path),
+            None,
+            f"unsupported file type; use one of {JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES}",
         )
 
 
@@ -198,7 +211,9 @@ def _iter_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DataError(name, None, f"cannot load dataset (not a local file, and the Hub said: {e})") from None
+        raise DataError(
+            name, None, f"cannot load dataset (not a local file, and the Hub said: {e})"
+        ) from None
     for i, record in enumerate(dataset, start=1):
         yield i, dict(record)
 
@@ -216,8 +231,11 @@ def iter_records(
     """
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(
-            JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES))
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.name.lower().endswith(JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES)
+        )
         if not files:
             raise DataError(str(path), None, "directory holds no .jsonl/.json/.csv/.tsv/.parquet files")
         for file in files:

@@ -34,7 +34,9 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     package, _, sub = name[len("package:") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"{name}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 

@@ -34,8 +34,10 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | N
     out.mkdir(parents=True, exist_ok=True)
     backbone = encoder.backbone
     # Weights in fp32 whatever precision training used, so every loader gives the same vectors.
-    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-             for k, v in backbone.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in backbone.state_dict().items()
+    }
     backbone.save_pretrained(out, state_dict=state, safe_serialization=True)
     encoder.tokenizer.save_pretrained(out)
 
@@ -44,10 +46,14 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | N
         {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
     ]
     if encoder.normalize:
-        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"}
+        )
         (out / NORMALIZE_DIR).mkdir(exist_ok=True)
     _write_json(out / "modules.json", modules)
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": encoder.max_seq_length, "do_lower_case": False})
+    _write_json(
+        out / "sentence_bert_config.json", {"max_seq_length": encoder.max_seq_length, "do_lower_case": False}
+    )
 
     pooling_config: dict[str, Any] = {"word_embedding_dimension": encoder.dim}
     for mode, key in ST_POOLING_KEYS.items():

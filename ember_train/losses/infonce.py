@@ -38,7 +38,9 @@ class InfoNCELoss(nn.Module):
     Inputs: ``query [B, D]``, ``positive [B, D]``, ``negatives [B, n, D]`` or ``None``.
     """
 
-    def __init__(self, temperature: float = 0.02, symmetric: bool = False, gather_across_devices: bool = False) -> None:
+    def __init__(
+        self, temperature: float = 0.02, symmetric: bool = False, gather_across_devices: bool = False
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -52,7 +54,9 @@ class InfoNCELoss(nn.Module):
         self.symmetric = symmetric
         self.gather_across_devices = gather_across_devices
 
-    def forward(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = F.normalize(query.float(), dim=-1)
         p = F.normalize(positive.float(), dim=-1)
         n = F.normalize(negatives.float(), dim=-1).flatten(0, 1) if negatives is not None else None

@@ -65,7 +65,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return checkpoints[-1] if checkpoints else None
     path = Path(resume)
     if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"resume: {path} is not a complete ember-train checkpoint (no {COMPLETE_MARKER})")
+        raise FileNotFoundError(
+            f"resume: {path} is not a complete ember-train checkpoint (no {COMPLETE_MARKER})"
+        )
     return path
 
 

@@ -35,10 +35,14 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite_steps`` consecutive NaN/Inf steps (a checkpoint is saved first)."""
 
 
-def build_accelerator(cfg: TrainConfig, output_dir: str | Path, seed: int, run_config: dict | None = None) -> Accelerator:
+def build_accelerator(
+    cfg: TrainConfig, output_dir: str | Path, seed: int, run_config: dict | None = None
+) -> Accelerator:
     """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``."""
     log_with = ["wandb"] if "wandb" in cfg.report_to else None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(output_dir))
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(output_dir)
+    )
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
@@ -101,12 +105,22 @@ def train_loop(
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.batch_in_epoch)
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
 
     metrics_logger = MetricsLogger(accelerator, output_dir, cfg.report_to)
     progress = tqdm(
-        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True
+        total=total_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
     )
     last_logged: dict[str, float] = {}
     start_time = time.perf_counter()
@@ -148,7 +162,9 @@ def train_loop(
                 state.nonfinite_streak += 1
                 logger.warning(
                     "step %d: non-finite %s; skipping the update (%d in a row)",
-                    state.step + 1, "loss" if not finite else "gradient", state.nonfinite_streak,
+                    state.step + 1,
+                    "loss" if not finite else "gradient",
+                    state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -204,7 +220,12 @@ def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     return float(norm)
 
 
-def _run_eval(accelerator: Accelerator, evaluate: Callable[[], dict[str, float]], metrics_logger: MetricsLogger, step: int) -> None:
+def _run_eval(
+    accelerator: Accelerator,
+    evaluate: Callable[[], dict[str, float]],
+    metrics_logger: MetricsLogger,
+    step: int,
+) -> None:
     if accelerator.is_main_process:
         results = evaluate()
         metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
