@@ -62,6 +62,11 @@ class Encoder(nn.Module):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         self.backbone = backbone
+        # The backbone's own pooler (BERT's tanh layer on [CLS]) is never used: freeze it, so it
+        # is still exported but DDP does not wait for gradients that never come.
+        pooler = getattr(backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize

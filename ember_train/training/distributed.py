@@ -60,3 +60,15 @@ def global_count(local_count: int, device: torch.device) -> int:
     t = torch.tensor([local_count], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item())
+
+
+def multi_process_cpu() -> bool:
+    """True when launched with several processes on a machine without CUDA.
+
+    accelerate only picks its gloo (MULTI_CPU) backend when asked for the CPU explicitly, and
+    ``accelerate launch --cpu`` starts a single process; so ``--multi_gpu --num_processes N`` on
+    a CPU machine needs ``Accelerator(cpu=True)``, which this tells the training code to pass.
+    """
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1

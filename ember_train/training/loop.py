@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
 from ember_train.training.checkpoint import TrainState, resolve_resume, save_checkpoint
+from ember_train.training.distributed import multi_process_cpu
 from ember_train.training.logging import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ def build_accelerator(
     """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``."""
     log_with = ["wandb"] if "wandb" in cfg.report_to else None
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(output_dir)
+        mixed_precision=cfg.mixed_precision,
+        log_with=log_with,
+        project_dir=str(output_dir),
+        cpu=multi_process_cpu(),
     )
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
-    # Different seeds per process would desynchronise dropout-free parts of the model init; keep one.
+    # One seed on every process: identical initialisation of any new weights (heads, decoders).
     set_seed(seed)
     return accelerator
 

@@ -1,0 +1,59 @@
+"""Run under ``accelerate launch --multi_gpu --num_processes 2``: cross-device InfoNCE and sharding.
+
+Each process embeds its half of a fixed global batch with a DDP-wrapped encoder, computes the
+gathered loss, and back-propagates. Rank 0 writes the mean loss over processes and the
+(all-reduced) parameter gradients, which the test compares with one process holding the whole
+batch. Also records which example indices each process draws in an epoch.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from ember_train.data.sampler import ShardedBatchSampler
+from ember_train.encoder import Encoder
+from ember_train.losses.infonce import InfoNCELoss
+from ember_train.training.distributed import multi_process_cpu
+
+model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+accelerator = Accelerator(cpu=multi_process_cpu())
+rank, world = accelerator.process_index, accelerator.num_processes
+assert world == 2, f"expected 2 processes, got {world}"
+
+torch.manual_seed(0)
+encoder = Encoder.from_pretrained(model_path, max_seq_length=16)
+encoder.eval()  # no dropout: both sides must see identical activations
+model = accelerator.prepare(encoder)
+
+queries = [f"query number {i} about topic {i % 5}" for i in range(per_rank * world)]
+positives = [f"document {i} describing topic {i % 5} in words" for i in range(per_rank * world)]
+negatives = [[f"unrelated text {i} {j}" for j in range(num_negatives)] for i in range(per_rank * world)]
+local = slice(rank * per_rank, (rank + 1) * per_rank)
+
+q = model(encoder.tokenize(queries[local]))
+p = model(encoder.tokenize(positives[local]))
+n = None
+if num_negatives:
+    flat = [t for row in negatives[local] for t in row]
+    n = model(encoder.tokenize(flat)).view(per_rank, num_negatives, -1)
+loss = InfoNCELoss(0.05, symmetric=True, gather_across_devices=True)(q, p, n)
+accelerator.backward(loss)
+
+losses = accelerator.gather(loss.detach().reshape(1))
+grads = {
+    name: param.grad.detach().clone() for name, param in encoder.named_parameters() if param.grad is not None
+}
+
+# Exact sharding: every index once per epoch across processes, for a size not divisible by world.
+sampler = ShardedBatchSampler(37, 4, world_size=world, rank=rank, seed=1)
+mine = [i for batch in sampler for i in batch]
+everyone = [None] * world
+dist.all_gather_object(everyone, {"indices": mine, "steps": len(list(sampler))})
+
+if rank == 0:
+    torch.save({"loss": losses.mean().item(), "grads": grads, "sharding": everyone}, out_path)
+accelerator.wait_for_everyone()
+print(json.dumps({"rank": rank, "loss": loss.item()}))

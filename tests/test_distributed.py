@@ -1,0 +1,93 @@
+"""Two real processes (gloo, CPU) launched with accelerate: gathered negatives and sharding."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ember_train.encoder import Encoder
+from ember_train.losses.infonce import InfoNCELoss
+
+HERE = os.path.dirname(__file__)
+
+
+def _launch(script, *args, timeout=600):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        "0",
+        script,
+        *map(str, args),
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_negatives", [0, 2])
+def test_gathered_loss_and_grads_equal_one_process_with_double_batch(tmp_path, tiny_bert_path, num_negatives):
+    per_rank = 3
+    out = tmp_path / "dist.pt"
+    _launch(
+        os.path.join(HERE, "distributed", "gather_check.py"), tiny_bert_path, out, num_negatives, per_rank
+    )
+    result = torch.load(out, weights_only=False)
+
+    # Reference: one process, the whole global batch (2 x per_rank).
+    torch.manual_seed(0)
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).eval()
+    n_total = 2 * per_rank
+    queries = [f"query number {i} about topic {i % 5}" for i in range(n_total)]
+    positives = [f"document {i} describing topic {i % 5} in words" for i in range(n_total)]
+    q = encoder(encoder.tokenize(queries))
+    p = encoder(encoder.tokenize(positives))
+    n = None
+    if num_negatives:
+        flat = [f"unrelated text {i} {j}" for i in range(n_total) for j in range(num_negatives)]
+        n = encoder(encoder.tokenize(flat)).view(n_total, num_negatives, -1)
+    loss = InfoNCELoss(0.05, symmetric=True)(q, p, n)
+    loss.backward()
+
+    # Tolerance: fp32 sums in a different order (all-reduce vs one matmul): 1e-5 relative.
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    compared = 0
+    for name, param in encoder.named_parameters():
+        if param.grad is None:
+            continue
+        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-4, atol=1e-6)
+        compared += 1
+    assert compared > 10
+
+    sharding = result["sharding"]
+    assert sharding[0]["steps"] == sharding[1]["steps"]
+    seen = sharding[0]["indices"] + sharding[1]["indices"]
+    assert sorted(seen) == list(range(37))
+
+
+@pytest.mark.slow
+def test_two_process_training_with_gradient_checkpointing_and_gathered_negatives(tmp_path, tiny_bert_path):
+    repo = os.path.dirname(HERE)
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(
+        f"task: contrastive\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 24}}\n"
+        f"data: {{train: {repo}/data/quickstart/train.jsonl, max_examples: 40}}\n"
+        "loss: {gather_across_devices: true, symmetric: true}\n"
+        "train: {batch_size: 4, epochs: 2, gradient_checkpointing: true, log_every: 1, gradient_accumulation_steps: 2}\n"
+    )
+    done = _launch(os.path.join(repo, "train.py"), "--config", cfg)
+    results = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
+    # 40 examples / (4 per process x 2 processes) = 5 batches per epoch -> 3 optimizer steps (2+2+1) x 2 epochs
+    assert results["steps"] == 6, done.stdout[-2000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
