@@ -100,6 +100,12 @@ def train_loop(
     steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
 
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        # The loader is not passed to prepare(), so DeepSpeed cannot infer its batch size.
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        if accum > 1:
+            raise ValueError("with DeepSpeed, use gradient_accumulation_steps: 1 (or a larger batch_size)")
     optimizer = build_optimizer(model, cfg)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
