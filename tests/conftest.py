@@ -15,6 +15,7 @@ os.environ.setdefault("WANDB_DIR", os.path.join(_HOME, "wandb"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MTEB_CACHE", os.path.join(_HOME, "mteb"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent

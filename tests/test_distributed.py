@@ -35,12 +35,19 @@ def _launch(script, *args, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_negatives", [0, 2])
-def test_gathered_loss_and_grads_equal_one_process_with_double_batch(tmp_path, tiny_bert_path, num_negatives):
+@pytest.mark.parametrize("num_negatives,chunk", [(0, 0), (2, 0), (2, 2)])
+def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
+    tmp_path, tiny_bert_path, num_negatives, chunk
+):
     per_rank = 3
     out = tmp_path / "dist.pt"
     _launch(
-        os.path.join(HERE, "distributed", "gather_check.py"), tiny_bert_path, out, num_negatives, per_rank
+        os.path.join(HERE, "distributed", "gather_check.py"),
+        tiny_bert_path,
+        out,
+        num_negatives,
+        per_rank,
+        chunk,
     )
     result = torch.load(out, weights_only=False)
 

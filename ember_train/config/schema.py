@@ -53,6 +53,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    grad_cache_chunk_size: int = (
+        0  # > 0: gradient cache, embed in chunks of this size (big batches, small memory)
+    )
     log_every: int = 10  # optimizer steps between log lines
     eval_every: int = 0  # optimizer steps between evaluations; 0 = before and after training only
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end

@@ -107,11 +107,9 @@ class WholeWordMasker:
             special |= word_ids < 0
         prev_special = torch.ones_like(special)
         prev_special[:, 1:] = special[:, :-1]
+        new_by_ids = torch.ones_like(special)  # without word_ids, only the markers join tokens
         if word_ids is not None:
-            new_by_ids = torch.ones_like(special)
             new_by_ids[:, 1:] = word_ids[:, 1:] != word_ids[:, :-1]
-        else:
-            new_by_ids = torch.ones_like(special)
         # A token starts a word after a special token, or where both views agree that it does.
         start = ~special & (prev_special | (new_by_ids & ~self.continues_word[input_ids]))
         groups = torch.cumsum(start.long(), dim=1) - 1

@@ -104,9 +104,13 @@ def eval_command(args: argparse.Namespace) -> int:
             print(f"{result}", flush=True)
             results.append(result)
     if args.mteb:
-        from ember_train.evaluation.mteb_runner import run_mteb
+        from ember_train.evaluation.mteb_runner import MTEBTaskError, run_mteb
 
-        results += run_mteb(args.model, _csv(args.mteb), batch_size=args.batch_size, device=args.device)
+        try:
+            results += run_mteb(args.model, _csv(args.mteb), batch_size=args.batch_size, device=args.device)
+        except (ImportError, MTEBTaskError) as e:
+            # A user error (missing optional package, misspelt task): one line, no traceback.
+            raise DataError("--mteb", None, str(e)) from None
     print()
     print_results(results)
     if args.output:

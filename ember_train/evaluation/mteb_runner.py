@@ -26,6 +26,10 @@ INSTALL_HINT = (
 )
 
 
+class MTEBTaskError(ValueError):
+    """An MTEB task name that the installed ``mteb`` does not know."""
+
+
 def import_mteb() -> Any:
     try:
         import mteb
@@ -40,11 +44,14 @@ def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
     names = [t for t in tasks if isinstance(t, str)]
     by_name = {}
     if names:
-        found = mteb.get_tasks(tasks=names)
+        try:
+            found = mteb.get_tasks(tasks=names)
+        except KeyError as e:
+            raise MTEBTaskError(f"unknown MTEB task: {e.args[0] if e.args else e}") from None
         by_name = {t.metadata.name: t for t in found}
         missing = [n for n in names if n not in by_name]
         if missing:
-            raise ValueError(f"unknown MTEB task(s): {', '.join(missing)}")
+            raise MTEBTaskError(f"unknown MTEB task(s): {', '.join(missing)}")
     return [by_name[t] if isinstance(t, str) else t for t in tasks]
 
 

@@ -122,7 +122,7 @@ def load_task(
     spec = read_descriptor(descriptor)
     env = dict(os.environ)
     if data_root is not None:
-        env[ROOT_VAR] = str(data_root)
+        env[ROOT_VAR] = str(Path(data_root).resolve())  # relative to the caller, not the descriptor
     task_type = spec["type"]
     columns = {**DEFAULT_COLUMNS[task_type], **(spec.get("columns") or {})}
     common = {"name": str(spec["name"]), "split": str(spec["split"])}

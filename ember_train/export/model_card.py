@@ -63,7 +63,11 @@ def model_index(model_name: str, results: Sequence[EvalResult]) -> list[dict[str
     """The ``model-index`` list: one result entry per evaluation, metrics rounded to 4 decimals."""
     entries = []
     for r in results:
-        metrics = [{"type": metric_type(k), "value": round(float(v), 4)} for k, v in r.metrics.items() if k != "main_score"]
+        metrics = [
+            {"type": metric_type(k), "value": round(float(v), 4)}
+            for k, v in r.metrics.items()
+            if k != "main_score"
+        ]
         metrics.append({"type": "main_score", "value": round(float(r.main_score), 4)})
         entries.append(
             {

@@ -29,6 +29,7 @@ from ember_train.export import export_encoder
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.training.checkpoint import load_model_weights
+from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.loop import build_accelerator, train_loop
 
 logger = logging.getLogger(__name__)
@@ -99,19 +100,46 @@ def build_retrieval_evaluator(cfg: RetrievalEvalConfig) -> RetrievalEvaluator | 
     )
 
 
-def make_loss_step(loss_fn: InfoNCELoss):
-    """Embed queries and documents (positives, then negatives) and apply InfoNCE."""
+def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
+    """Embed queries and documents (positives, then negatives) and apply InfoNCE.
+
+    With ``grad_cache_chunk_size > 0`` the step embeds in chunks through the gradient cache and
+    runs its own backward passes (the loop is told so via ``backward_in_step``).
+    """
+
+    def loss_from_embeddings(
+        query: torch.Tensor, documents: torch.Tensor, num_negatives: int
+    ) -> torch.Tensor:
+        size = query.shape[0]
+        negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
+        return loss_fn(query, documents[:size], negatives)
+
+    def counts(batch: dict[str, Any]) -> dict[str, float]:
+        return {
+            "samples": float(batch["query"]["input_ids"].shape[0]),
+            **token_counts(batch["query"], batch["documents"]),
+        }
 
     def loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        query = model(batch["query"])
-        documents = model(batch["documents"])
-        size = query.shape[0]
-        num_negatives = int(batch["num_negatives"])
-        negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
-        loss = loss_fn(query, documents[:size], negatives)
-        return loss, {"samples": float(size), **token_counts(batch["query"], batch["documents"])}
+        loss = loss_from_embeddings(
+            model(batch["query"]), model(batch["documents"]), int(batch["num_negatives"])
+        )
+        return loss, counts(batch)
 
-    return loss_step
+    def cached_loss_step(
+        model: nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        num_negatives = int(batch["num_negatives"])
+        loss = grad_cache_step(
+            model,
+            [batch["query"], batch["documents"]],
+            lambda emb: loss_from_embeddings(emb[0], emb[1], num_negatives),
+            ctx,
+            grad_cache_chunk_size,
+        )
+        return loss, counts(batch)
+
+    return cached_loss_step if grad_cache_chunk_size > 0 else loss_step
 
 
 def make_dataloader(
@@ -166,11 +194,12 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     outcome = train_loop(
         accelerator=accelerator,
         model=encoder,
-        loss_step=make_loss_step(loss_fn),
+        loss_step=make_loss_step(loss_fn, cfg.train.grad_cache_chunk_size),
         dataloader=dataloader,
         cfg=cfg.train,
         output_dir=output_dir,
         evaluate=evaluate if evaluator is not None else None,
+        backward_in_step=cfg.train.grad_cache_chunk_size > 0,
     )
 
     results: dict[str, Any] = {

@@ -120,6 +120,11 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
     """Backbone + MLM head from ``model``, decoder new or from ``retromae.init_decoder_from``."""
     name = resolve_model_path(cfg.model.name_or_path)
     r = cfg.retromae
+    ignored = [k for k in ("normalize", "query_prefix", "document_prefix") if getattr(cfg.model, k)]
+    if ignored:
+        logger.warning(
+            "RetroMAE reconstructs raw text from an unnormalised vector: model.%s ignored", ignored
+        )
     if r.init_decoder_from is None and (Path(name) / DECODER_WEIGHTS).is_file():
         logger.warning(
             "%s holds a RetroMAE decoder but retromae.init_decoder_from is unset: starting a new decoder",
@@ -208,7 +213,6 @@ def make_dataloader(
         batch_sampler=KeyedBatches(sampler),
         collate_fn=collator,
         num_workers=cfg.train.num_workers,
-        generator=torch.Generator(),  # iterating must not draw from the global RNG (exact resume)
     )
     return loader, stats
 

@@ -240,8 +240,9 @@ def fit_head(
         return fit_logistic_regression(
             embeddings, data.labels, multi_label=data.multi_label, C=cfg.C, max_iter=cfg.max_iter, seed=seed
         )
-    torch.manual_seed(seed)
-    head = LinearHead(encoder.dim, data.label_names(), multi_label=data.multi_label)
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the training RNG
+        torch.manual_seed(seed)
+        head = LinearHead(encoder.dim, data.label_names(), multi_label=data.multi_label)
     fit_linear_head(
         head, embeddings, data.labels, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
         batch_size=cfg.batch_size, seed=seed,
@@ -501,28 +502,42 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
 def _tune_end_to_end(
     accelerator: Any, model: SetFitStyleModel, train: LabelledTexts, cfg: SetFitConfig, output_dir: Path
 ) -> dict[str, Any]:
-    """Cross-entropy through body and head, starting from the head fitted on the tuned body."""
-    head = model.head
-    head.requires_grad_(True)
+    """Cross-entropy through body and head, starting from the head fitted on the tuned body.
+
+    This phase trains a copy of the model with its own Accelerator: the body phase's wrapper
+    (DDP under ``accelerate launch``) keeps its gradient hooks on the original parameters, and
+    this phase's checkpoints (``<output_dir>/end_to_end``) hold exactly the model it trains.
+    The tuned weights are copied back into ``model`` at the end.
+    """
+    from accelerate import Accelerator
+
+    e2e_dir = output_dir / "end_to_end"
+    if accelerator.is_main_process:
+        save_config(cfg, e2e_dir / "config.yaml")  # so `ember-train export` finds it next to the checkpoints
     e2e_cfg = copy.deepcopy(cfg.train)
     e2e_cfg.epochs = cfg.head.end_to_end_epochs
     e2e_cfg.max_steps = -1
     e2e_cfg.learning_rate = cfg.head.end_to_end_learning_rate
+    e2e_accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(e2e_dir))
+    e2e_model = copy.deepcopy(model)
+    e2e_model.requires_grad_(True)
+    head = e2e_model.head
     sampler = ShardedBatchSampler(
         len(train), cfg.head.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
     )  # fmt: skip
     examples = list(zip(train.texts, train.labels, strict=True))
-    dataloader = DataLoader(examples, batch_sampler=sampler, collate_fn=TextCollator(model.body, head))
+    dataloader = DataLoader(examples, batch_sampler=sampler, collate_fn=TextCollator(e2e_model.body, head))
     outcome = train_loop(
-        accelerator=accelerator,
-        model=model,
+        accelerator=e2e_accelerator,
+        model=e2e_model,
         loss_step=make_head_loss_step(head),
         dataloader=dataloader,
         cfg=e2e_cfg,
-        output_dir=output_dir / "end_to_end",
+        output_dir=e2e_dir,
     )
-    head.kind = "linear"
+    model.load_state_dict(outcome["model"].state_dict())
+    model.head.kind = "linear"
     return {
         "steps": outcome["step"],
         "train_seconds": outcome["train_seconds"],

