@@ -26,7 +26,7 @@ model: {{name_or_path: {model}, max_seq_length: 32, normalize: true}}
 data: {{train: {REPO / "data/quickstart/train.jsonl"}, max_examples: 96}}
 loss: {{temperature: 0.05}}
 train: {{batch_size: 8, max_steps: 6, learning_rate: 1.0e-3, checkpoint_every: 3, keep_checkpoints: 5, log_every: 2}}
-eval: {{data: {REPO / "data/quickstart/dev.jsonl"}, max_queries: 24}}
+eval: {{data: {REPO / "data/quickstart/dev.jsonl"}, max_queries: 24, tasks: [{REPO / "configs/eval/STSBenchmark.yaml"}], data_root: {REPO / "tests/fixtures/eval"}}}
 """
     )
     return load_config(str(path), list(overrides))
@@ -43,9 +43,12 @@ def test_train_checkpoint_resume_export_evaluate(tmp_path, tiny_bert_path, monke
     assert results["steps"] == 6
     assert {"eval_before", "eval_after"} <= set(results)
     saved = json.loads((full / "results.json").read_text())
-    assert saved["eval_after"]["metrics"]["ndcg@10"] == pytest.approx(
-        results["eval_after"]["metrics"]["ndcg@10"]
+    assert saved["eval_after"][0]["metrics"]["ndcg@10"] == pytest.approx(
+        results["eval_after"][0]["metrics"]["ndcg@10"]
     )
+    assert [r["dataset"] for r in saved["eval_after"]] == ["dev", "STSBenchmark"]
+    card = (full / "final" / "README.md").read_text()
+    assert f"{saved['eval_after'][1]['main_score']:.2f}" in card
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6]
     assert all(m["samples_per_s"] > 0 and 0 <= m["padding_fraction"] < 1 for m in metrics if "loss" in m)
@@ -56,8 +59,8 @@ def test_train_checkpoint_resume_export_evaluate(tmp_path, tiny_bert_path, monke
     real = contrastive.make_loss_step
     calls = {"n": 0}
 
-    def crashing(loss_fn):
-        step = real(loss_fn)
+    def crashing(loss_fn, chunk_size=0):
+        step = real(loss_fn, chunk_size)
 
         def wrapped(model, batch):
             calls["n"] += 1

@@ -23,8 +23,9 @@ from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder
-from ember_train.evaluation.base import EvalResult
+from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
+from ember_train.evaluation.tasks import load_tasks
 from ember_train.export import export_encoder
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
@@ -54,11 +55,13 @@ class LossConfig:
 
 
 @dataclass
-class RetrievalEvalConfig:
+class EvalConfig:
     data: str | None = None  # held-out pair file (same schema as training) or a BEIR folder
     split: str = "test"  # BEIR qrels split
     columns: PairColumns = field(default_factory=PairColumns)
     max_queries: int | None = None
+    tasks: list[str] = field(default_factory=list)  # task descriptors, e.g. configs/eval/STSBenchmark.yaml
+    data_root: str | None = None  # fills ${EMBER_EVAL_ROOT} in the descriptors
     batch_size: int = 64
     before_training: bool = True
 
@@ -79,25 +82,47 @@ class ContrastiveConfig:
     seed: int = 42
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def build_retrieval_evaluator(cfg: RetrievalEvalConfig) -> RetrievalEvaluator | None:
-    """A BEIR folder, or held-out pairs whose positives form the corpus."""
-    if cfg.data is None:
-        return None
-    path = Path(cfg.data)
-    if path.is_dir() and (path / "qrels").is_dir():
-        return RetrievalEvaluator.from_beir(path, split=cfg.split, batch_size=cfg.batch_size)
-    examples, _ = load_pairs(cfg.data, columns=cfg.columns, limit=None)
-    queries: dict[str, list[str]] = {}
-    for e in examples:
-        queries.setdefault(e.query, []).append(e.positive)
-    items = list(queries.items())[: cfg.max_queries]
-    return RetrievalEvaluator.from_pairs(
-        [q for q, _ in items], [p for _, p in items], name=path.stem, batch_size=cfg.batch_size
-    )
+def build_evaluators(cfg: EvalConfig) -> list[Evaluator]:
+    """Held-out retrieval (a BEIR folder, or pairs whose positives form the corpus) plus task descriptors."""
+    evaluators: list[Evaluator] = []
+    if cfg.data is not None:
+        path = Path(cfg.data)
+        if path.is_dir() and (path / "qrels").is_dir():
+            evaluators.append(RetrievalEvaluator.from_beir(path, split=cfg.split, batch_size=cfg.batch_size))
+        else:
+            examples, _ = load_pairs(cfg.data, columns=cfg.columns)
+            queries: dict[str, list[str]] = {}
+            for e in examples:
+                queries.setdefault(e.query, []).append(e.positive)
+            items = list(queries.items())[: cfg.max_queries]
+            evaluators.append(
+                RetrievalEvaluator.from_pairs(
+                    [q for q, _ in items], [p for _, p in items], name=path.stem, batch_size=cfg.batch_size
+                )
+            )
+    if cfg.tasks:
+        evaluators += load_tasks(cfg.tasks, data_root=cfg.data_root, batch_size=cfg.batch_size)
+    return evaluators
+
+
+def run_evaluators(evaluators: list[Evaluator], encoder: Encoder) -> list[EvalResult]:
+    return [evaluator(encoder) for evaluator in evaluators]
+
+
+def describe(before: list[EvalResult] | None, after: list[EvalResult]) -> str:
+    """One line per task: main metric (before -> after)."""
+    lines = []
+    for i, result in enumerate(after):
+        name = f"{result.dataset} {result.main_metric}"
+        if before:
+            lines.append(f"{name}: {before[i].main_score:.2f} -> {result.main_score:.2f}")
+        else:
+            lines.append(f"{name}: {result.main_score:.2f}")
+    return "\n".join(lines)
 
 
 def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
@@ -178,16 +203,18 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
     dataloader = make_dataloader(examples, encoder, cfg, accelerator.num_processes, accelerator.process_index)
-    evaluator = build_retrieval_evaluator(cfg.eval)
+    evaluators = build_evaluators(cfg.eval)
 
     def evaluate() -> dict[str, float]:
-        return evaluator(encoder).metrics if evaluator is not None else {}
+        return {
+            f"{r.dataset}/{k}": v for r in run_evaluators(evaluators, encoder) for k, v in r.metrics.items()
+        }
 
-    before: EvalResult | None = None
-    if evaluator is not None and cfg.eval.before_training and accelerator.is_main_process:
+    before: list[EvalResult] | None = None
+    if evaluators and cfg.eval.before_training and accelerator.is_main_process:
         encoder.to(accelerator.device)
-        before = evaluator(encoder)
-        accelerator.print(f"before training: ndcg@10={before.metrics['ndcg@10']:.2f}")
+        before = run_evaluators(evaluators, encoder)
+        accelerator.print("before training:\n" + describe(None, before))
     accelerator.wait_for_everyone()
 
     loss_fn = InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices)
@@ -198,7 +225,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         dataloader=dataloader,
         cfg=cfg.train,
         output_dir=output_dir,
-        evaluate=evaluate if evaluator is not None else None,
+        evaluate=evaluate if evaluators else None,
         backward_in_step=cfg.train.grad_cache_chunk_size > 0,
     )
 
@@ -210,20 +237,18 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         "last_metrics": outcome["last_metrics"],
     }
     if accelerator.is_main_process:
-        after = evaluator(encoder) if evaluator is not None else None
-        if after is not None:
-            results["eval_after"] = after.to_dict()
-            line = f"after training: ndcg@10={after.metrics['ndcg@10']:.2f}"
+        after = run_evaluators(evaluators, encoder)
+        if after:
+            results["eval_after"] = [r.to_dict() for r in after]
             if before is not None:
-                results["eval_before"] = before.to_dict()
-                line = f"ndcg@10 before -> after: {before.metrics['ndcg@10']:.2f} -> {after.metrics['ndcg@10']:.2f}"
-            accelerator.print(line)
+                results["eval_before"] = [r.to_dict() for r in before]
+            accelerator.print("before -> after training:\n" + describe(before, after))
         if cfg.export.enabled:
             export_dir = Path(cfg.export.dir or output_dir / "final")
             card = render_model_card(
                 model_name=cfg.export.model_name or export_dir.name,
                 base_model=cfg.model.name_or_path,
-                results=[after] if after is not None else [],
+                results=after,
                 training=to_dict(cfg),
                 command=command,
                 data_summary=f"{len(examples)} training pairs from `{cfg.data.train}`",
