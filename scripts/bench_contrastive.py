@@ -38,7 +38,7 @@ def load_debian_pairs(path: Path, n: int, seed: int) -> list[dict]:
         rows = [json.loads(line) for line in f]
     pairs, seen = [], set()
     for row in rows:
-        if row["short"] in seen or row["long"] in seen:
+        if not row["short"].strip() or not row["long"].strip() or row["short"] in seen or row["long"] in seen:
             continue
         seen.update((row["short"], row["long"]))
         pairs.append({"query": row["short"], "pos": row["long"]})
