@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -72,15 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_prefix() -> str:
+    """``ember-train: error`` plus, in a multi-process run, which process failed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return f"ember-train: error (rank {os.environ.get('RANK', '?')} of {world})"
+    return "ember-train: error"
+
+
+def _report(message: str) -> None:
+    """Print an error on a line of its own, even under a progress bar that is still drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"{_error_prefix()}: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
+    from ember_train.encoder.encoder import UnsafeWeightsError
+    from ember_train.training.checkpoint import CheckpointError
+    from ember_train.training.loop import NonFiniteLossError
+
     try:
         return args.handler(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UnsafeWeightsError) as e:
         # User errors: one clear line, no stack trace from deep inside a library.
-        print(f"ember-train: error: {e}", file=sys.stderr)
+        _report(str(e))
         return 2
+    except (CheckpointError, NonFiniteLossError) as e:
+        # The run stopped for a stated reason (its message says what was saved): no stack trace.
+        _report(str(e))
+        return 1
+    except Exception as e:
+        # Anything else keeps its stack trace, but first says which process failed and why.
+        _report(f"{type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 Same model (the packaged all-MiniLM-L6-v2), same pairs (Debian short -> long description),
 same max length, batch size and precision. sentence-transformers runs
 ``MultipleNegativesRankingLoss`` with its no-duplicates batch sampler (ember-train also keeps
-duplicates out of a batch). Runs alternate (ember, st, ember, st, ...) so machine noise hits
+duplicates out of a batch). Runs alternate (ember then st, st then ember, ...) so machine noise hits
 both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s and the ratio.
 """
 
@@ -76,7 +76,40 @@ def bench_ember(
     timed = [r for r in records if "samples_per_s" in r][warmup:]
     # samples/s per window of one step -> total samples / total time over the timed steps
     seconds = sum(batch_size / r["samples_per_s"] for r in timed)
+    tokens = sum(r["tokens_per_s"] * batch_size / r["samples_per_s"] for r in timed)
+    padding = sum(r["padding_fraction"] for r in timed) / len(timed)
+    LAST_EMBER_STATS.update(tokens_per_s=tokens / seconds, padding_fraction=padding)
     return batch_size * len(timed) / seconds
+
+
+LAST_EMBER_STATS: dict[str, float] = {}
+
+
+def matmul_peak(dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Measured FLOP/s of a square matmul: the hardware ceiling that MFU is reported against."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def training_flops_per_token(max_length: int) -> float:
+    """6 x non-embedding parameters + attention (fwd+bwd), per real token, for the packaged MiniLM."""
+    from transformers import AutoConfig
+
+    from ember_train.encoder.encoder import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path(MODEL))
+    d, layers, ff = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    params = layers * (4 * d * d + 2 * d * ff)
+    attention = 2 * 2 * layers * max_length * d  # QK^T and AV, forward
+    return 6 * params + 3 * attention
 
 
 def bench_st(
@@ -177,35 +210,26 @@ def main() -> None:
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             ember, st = [], []
             for r in range(args.repeats):
-                ember.append(
-                    bench_ember(
-                        pairs_file,
-                        batch_size,
-                        args.steps,
-                        args.warmup_steps,
-                        args.max_length,
-                        ember_precision,
-                        args.group_by_length,
-                        tmp / f"e{batch_size}_{r}",
-                    )
-                )
-                st.append(
-                    bench_st(
-                        pairs,
-                        batch_size,
-                        args.steps,
-                        args.warmup_steps,
-                        args.max_length,
-                        args.precision,
-                        False,
-                        tmp / f"s{batch_size}_{r}",
-                    )
-                )
-                print(
-                    f"batch {batch_size} repeat {r}: ember {ember[-1]:.2f} samples/s, st {st[-1]:.2f} samples/s",
-                    flush=True,
-                )
+                # Alternate which runs first, so a trend in machine load does not favour one side.
+                for side in ("ember", "st") if r % 2 == 0 else ("st", "ember"):
+                    if side == "ember":
+                        ember.append(bench_ember(pairs_file, batch_size, args.steps, args.warmup_steps,
+                                                 args.max_length, ember_precision, args.group_by_length,
+                                                 tmp / f"e{batch_size}_{r}"))
+                    else:
+                        st.append(bench_st(pairs, batch_size, args.steps, args.warmup_steps, args.max_length,
+                                           args.precision, False, tmp / f"s{batch_size}_{r}"))
+                print(f"batch {batch_size} repeat {r}: ember {ember[-1]:.2f} samples/s, st {st[-1]:.2f} samples/s",
+                      flush=True)
             ratios = [e / s for e, s in zip(ember, st, strict=True)]
+            tokens_per_s = LAST_EMBER_STATS["tokens_per_s"]
+            flops = tokens_per_s * training_flops_per_token(args.max_length)
+            peak = matmul_peak(torch.bfloat16 if ember_precision == "bf16" else torch.float32)
+            fp32_peak = matmul_peak(torch.float32)
+            print(f"batch {batch_size}: ember {tokens_per_s:.0f} real tokens/s, padding "
+                  f"{LAST_EMBER_STATS['padding_fraction']:.1%}, model FLOP/s {flops / 1e9:.1f} G; matmul peak "
+                  f"{ember_precision} {peak / 1e9:.1f} G (MFU {flops / peak:.1%}), fp32 {fp32_peak / 1e9:.1f} G "
+                  f"(MFU vs fp32 peak {flops / fp32_peak:.1%})", flush=True)
             rows.append(
                 (
                     batch_size,

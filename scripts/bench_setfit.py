@@ -245,6 +245,43 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def merge_reports(paths: list[Path]) -> dict[str, Any]:
+    """Combine reports of the same settings over different seeds (e.g. written by two processes)."""
+    merged: dict[str, Any] = {"datasets": {}}
+    for path in paths:
+        report = json.loads(path.read_text())
+        for name, entry in report["datasets"].items():
+            seeds = entry.get("seeds")
+            if seeds is None:  # a report written mid-run by an earlier version of this script
+                seeds = list(range(entry.get("seeds_done", min(len(r) for r in entry["runs"].values()))))
+            target = merged["datasets"].setdefault(name, {"runs": {}, "seeds": []})
+            for key in ("num_labels", "test_texts", "test_pool", "train_texts_per_seed"):
+                if key in entry:
+                    target[key] = entry[key]
+            target["seeds"] += seeds
+            for method, runs in entry["runs"].items():
+                # A seed still running when the report was written has some methods done: keep whole seeds.
+                target["runs"].setdefault(method, []).extend(runs[: len(seeds)])
+    for entry in merged["datasets"].values():
+        entry["summary"] = {m: summarise(r) for m, r in entry["runs"].items() if r}
+    return merged
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print()
+    print(
+        "| Dataset | Method | Seeds | Accuracy (mean ± std) | Macro-F1 (mean ± std) | Wall time / seed (s) | Training (s) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, entry in report["datasets"].items():
+        for method, s in entry.get("summary", {}).items():
+            print(
+                f"| {name} ({entry.get('num_labels', '?')} labels, {entry.get('test_texts', '?')} test) | {TITLES[method]} | "
+                f"{len(entry['runs'][method][: len(entry['seeds'])])} | {s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | "
+                f"{s['f1']:.2f} ± {s['f1_std']:.2f} | {s['seconds']:.1f} ± {s['seconds_std']:.1f} | {s['train_seconds']:.1f} |"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,6 +291,12 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="body (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--methods", default="frozen,ember,setfit")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1"
+    )
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="only print the table of these JSON reports, merged"
+    )
     parser.add_argument("--per-label", type=int, default=8)
     parser.add_argument("--top-sections", type=int, default=20)
     parser.add_argument("--num-iterations", type=int, default=5)
@@ -271,6 +314,9 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.merge:
+        print_table(merge_reports(args.merge))
+        return 0
     args.model = args.model or minilm_dir()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -313,7 +359,16 @@ def main() -> int:
         labels = sorted(set(train_all.labels))
         test = test.subset([i for i, y in enumerate(test.labels) if y in set(labels)])
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-        for seed in range(args.seeds):
+        entry: dict[str, Any] = {
+            "num_labels": len(labels),
+            "train_texts_per_seed": args.per_label * len(labels),
+            "test_texts": len(test),
+            "test_pool": len(test_all),
+            "seeds": [],
+            "runs": runs,
+        }
+        report["datasets"][name] = entry
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             train = sample_per_label(train_all, args.per_label, seed)
             for method in methods:
                 gc.collect()
@@ -324,32 +379,12 @@ def main() -> int:
                     f"wall={result['seconds']:.1f}s train={result['train_seconds']:.1f}s",
                     flush=True,
                 )
-            report["datasets"][name] = {"seeds_done": seed + 1, "runs": runs}
-            if args.output:
+            entry["seeds"].append(seed)
+            entry["summary"] = {m: summarise(r) for m, r in runs.items()}
+            if args.output:  # after every seed, so a long run can be read (or merged) before it ends
                 args.output.write_text(json.dumps(report, indent=2) + "\n")
-        report["datasets"][name] = {
-            "num_labels": len(labels),
-            "train_texts_per_seed": len(train),
-            "test_texts": len(test),
-            "test_pool": len(test_all),
-            "runs": runs,
-            "summary": {m: summarise(r) for m, r in runs.items()},
-        }
-        if args.output:
-            args.output.write_text(json.dumps(report, indent=2) + "\n")
 
-    print()
-    print(
-        "| Dataset | Method | Accuracy (mean ± std) | Macro-F1 | Wall time / seed (s) | of which training (s) |"
-    )
-    print("|---|---|---:|---:|---:|---:|")
-    for name, entry in report["datasets"].items():
-        for method, s in entry["summary"].items():
-            print(
-                f"| {name} ({entry['num_labels']} labels, {entry['test_texts']} test) | {TITLES[method]} | "
-                f"{s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | {s['f1']:.2f} ± {s['f1_std']:.2f} | "
-                f"{s['seconds']:.1f} ± {s['seconds_std']:.1f} | {s['train_seconds']:.1f} |"
-            )
+    print_table(report)
     for method, why in unavailable.items():
         print(f"\n{TITLES[method]}: not run ({why})")
     if args.output:

@@ -126,12 +126,12 @@ def test_linear_head_end_to_end_with_scored_pairs(tiny_bert_path, tmp_path):
         tiny_bert_path,
         tmp_path,
         data={"pairs": sts, "test_pairs": sts, "score_range": [0, 5]},
-        pairs={"num_iterations": 2, "loss": "cosent"},
-        head={"type": "linear", "epochs": 50, "learning_rate": 0.05, "end_to_end": True, "batch_size": 8},
+        pairs={"num_iterations": 1, "loss": "cosent"},
+        head={"type": "linear", "epochs": 30, "learning_rate": 0.05, "end_to_end": True, "batch_size": 8},
     )
     results = run(cfg)
-    # 24 texts x 2 x 2 generated pairs + 48 scored pairs.
-    assert results["pairs"]["pairs_per_epoch"] == 96 + 48
+    # 24 texts x 1 x 2 generated pairs + 48 scored pairs.
+    assert results["pairs"]["pairs_per_epoch"] == 48 + 48
     assert results["end_to_end"]["steps"] == 3  # 24 texts in batches of 8, one epoch
     assert "cosine_spearman" in results["eval_after_sts"]["metrics"]
     assert results["eval_after_classification"]["metrics"]["accuracy"] > 40.0
@@ -168,7 +168,7 @@ def test_multi_label_run(tiny_bert_path, tmp_path):
             "train": write_jsonl(tmp_path / "ml.jsonl", multi),
             "test": write_jsonl(tmp_path / "mlt.jsonl", test),
         },
-        pairs={"num_iterations": 2},
+        pairs={"num_iterations": 1},
     )
     results = run(cfg)
     assert results["eval_after_classification"]["extra"]["multi_label"] is True
@@ -197,7 +197,9 @@ def test_config_file_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="end_to_end needs head.type: linear"):
         make_cfg("m", tmp_path, head={"end_to_end": True})
     with pytest.raises(ConfigError, match="data.train"):
-        make_cfg("m", tmp_path, data={"train": None})
+        make_cfg("m", tmp_path, data={"train": None, "test": None})
+    with pytest.raises(ConfigError, match="data.test needs data.train"):
+        make_cfg("m", tmp_path, data={"train": None, "pairs": "p.jsonl"})
     with pytest.raises(ConfigError, match="strategy"):
         make_cfg("m", tmp_path, pairs={"strategy": "random"})
 
@@ -219,3 +221,45 @@ def test_minilm_few_shot_debian_sections(minilm_path, tmp_path):
     after = results["eval_after_classification"]["metrics"]["accuracy"]
     assert after > 70.0  # chance is 25
     assert after >= before - 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["logistic_regression", "end_to_end"])
+def test_two_processes_with_accelerate_launch(tiny_bert_path, tmp_path, head):
+    """DDP on CPU (gloo): pair tuning, the head refit and (optionally) end-to-end tuning in 2 processes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {
+        "task": "setfit",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "model": {"name_or_path": str(tiny_bert_path), "max_seq_length": 32},
+        "data": {
+            "train": write_jsonl(tmp_path / "train.jsonl", topic_texts(8, seed=0)),
+            "test": write_jsonl(tmp_path / "test.jsonl", topic_texts(10, seed=1)),
+        },
+        "pairs": {"num_iterations": 2},
+        "head": {"type": "linear", "end_to_end": True} if head == "end_to_end" else {},
+        "train": {"batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 2, "resume": "none"},
+    }
+    config = tmp_path / "setfit.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", "0",
+        str(REPO / "train.py"), "--config", str(config),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # 96 pairs in global batches of 2 x 8 = 6 steps.
+    assert results["steps"] == 6
+    assert results["eval_after_classification"]["metrics"]["accuracy"] > 40.0
+    model = SetFitStyleModel.from_pretrained(tmp_path / "run" / "final")
+    assert model.labels == ["food", "music", "sports"]

@@ -5,7 +5,8 @@ JSON, CSV/TSV, Parquet, a directory of them, or a Hub dataset):
 
 * labelled texts: ``{"text": ..., "label": ...}``; the label is a string or an integer, or for
   multi-label data a list of them (a text may have no label: ``[]``). A file is either all
-  single-label or all multi-label;
+  single-label or all multi-label. The list names the labels (``["bug", "ui"]``); it is not a
+  0/1 indicator vector as some libraries use;
 * scored pairs: ``{"sentence1": ..., "sentence2": ..., "score": ...}`` with a finite number
   (CSV cells are parsed), for STS-style tuning with the same cosine loss.
 

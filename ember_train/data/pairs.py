@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_records
+from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
 from ember_train.encoder.encoder import Encoder
 
 logger = logging.getLogger(__name__)
@@ -102,13 +102,11 @@ def load_pairs(
     def on_error(error: DataError) -> None:
         handle_bad_row(error, on_bad_rows, bad)
 
-    for row, record in iter_records(source, split=split, on_error=on_error):
+    for file, row, record in iter_sourced_records(source, split=split, on_error=on_error):
         rows += 1
         try:
             examples.extend(
-                parse_pair_row(
-                    record, columns=columns, source=str(source), row=row, num_negatives=num_negatives
-                )
+                parse_pair_row(record, columns=columns, source=file, row=row, num_negatives=num_negatives)
             )
         except DataError as e:
             handle_bad_row(e, on_bad_rows, bad)
@@ -118,6 +116,8 @@ def load_pairs(
     if bad.total:
         logger.warning("%s: %s", source, bad.summary())
     if not examples:
+        if not rows and not bad.total:
+            raise DataError(str(source), None, "no usable pairs: no rows at all (an empty file?)")
         raise DataError(str(source), None, f"no usable pairs ({rows} rows read; {bad.summary()})")
     return examples, bad
 

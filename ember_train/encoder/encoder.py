@@ -21,6 +21,36 @@ from ember_train.encoder.st_settings import read_sentence_transformers_settings
 
 TextKind = Literal["query", "document"]
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeWeightsError(ValueError):
+    """A checkpoint offers only pickle weights, and loading them was not explicitly allowed."""
+
+
+def weight_loading_kwargs(name_or_path: str, allow_pickle_weights: bool = False) -> dict:
+    """``from_pretrained`` kwargs that load safetensors only, unless pickle weights are allowed.
+
+    Unpickling a ``pytorch_model.bin`` can run arbitrary code (``weights_only`` has had bypasses),
+    so a local directory with only pickle weights is refused with a clear message. Even when
+    allowed, transformers reads them with ``torch.load(weights_only=True)``.
+    """
+    if allow_pickle_weights:
+        return {}
+    path = Path(name_or_path)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_WEIGHT_SUFFIXES))
+        if pickles:
+            raise UnsafeWeightsError(_pickle_refusal(name_or_path, f"pickle files ({', '.join(pickles)})"))
+    return {"use_safetensors": True}
+
+
+def _pickle_refusal(name_or_path: str, found: str) -> str:
+    return (
+        f"{name_or_path}: the model has no safetensors weights, only {found}, which can run code when "
+        "loaded. Convert them to safetensors, or set model.allow_pickle_weights: true if you trust the source."
+    )
+
 
 def resolve_model_path(name_or_path: str | Path) -> str:
     """Hub names and paths pass through; ``package:PKG/sub/dir`` points inside an installed Python package.
@@ -85,17 +115,27 @@ class Encoder(nn.Module):
         query_prefix: str | None = None,
         document_prefix: str | None = None,
         trust_remote_code: bool = False,
+        allow_pickle_weights: bool = False,
     ) -> Encoder:
         """Load from a Hub name or a local directory (a plain HF checkpoint or a sentence-transformers one).
 
         Settings left as ``None`` come from the checkpoint's sentence-transformers files when it
         has them (so a published or exported model gives its own vectors), else the defaults:
-        mean pooling, no normalisation, 512 tokens, no prefixes.
+        mean pooling, no normalisation, 512 tokens, no prefixes. Weights are read from
+        safetensors only unless ``allow_pickle_weights`` (see :func:`weight_loading_kwargs`).
         """
         name_or_path = resolve_model_path(name_or_path)
+        weight_kwargs = weight_loading_kwargs(name_or_path, allow_pickle_weights)
         stored = read_sentence_transformers_settings(name_or_path) if Path(name_or_path).is_dir() else {}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            backbone = AutoModel.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, **weight_kwargs
+            )
+        except OSError as e:  # a Hub repository without safetensors weights
+            if not weight_kwargs or Path(name_or_path).is_dir() or "safetensors" not in str(e):
+                raise
+            raise UnsafeWeightsError(_pickle_refusal(name_or_path, "pickle weights on the Hub")) from e
         max_seq_length = max_seq_length or stored.get("max_seq_length", 512)
         model_max = getattr(backbone.config, "max_position_embeddings", max_seq_length)
         return cls(

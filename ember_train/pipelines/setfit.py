@@ -71,6 +71,8 @@ class SetFitDataConfig:
     def __post_init__(self) -> None:
         if self.train is None and self.pairs is None:
             raise ValueError("give data.train (labelled texts) and/or data.pairs (scored pairs)")
+        if self.test is not None and self.train is None:
+            raise ValueError("data.test needs data.train: the classification head is fitted on it")
         if self.score_range is not None and len(self.score_range) != 2:
             raise ValueError("score_range must be [low, high]")
 
@@ -520,8 +522,8 @@ def _tune_end_to_end(
     e2e_cfg.learning_rate = cfg.head.end_to_end_learning_rate
     e2e_accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(e2e_dir))
     e2e_model = copy.deepcopy(model)
-    e2e_model.requires_grad_(True)
     head = e2e_model.head
+    head.requires_grad_(True)  # the body keeps its own flags (its unused pooler stays frozen for DDP)
     sampler = ShardedBatchSampler(
         len(train), cfg.head.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,

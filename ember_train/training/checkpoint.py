@@ -1,29 +1,40 @@
 """Resumable checkpoints: atomic to write, easy to find, rotated without losing the last good one.
 
-A checkpoint is accelerate's ``save_state`` (model, optimizer, scheduler, RNG of every process,
-plus registered objects such as the ``TrainState``), written into ``.tmp-step_N`` and renamed to
-``step_N`` only when every process has finished writing. A directory without the final name is
-never taken for a checkpoint. Checkpoints are for resuming; the release format is the export.
+A checkpoint is accelerate's ``save_state`` (model, optimizer, scheduler, RNG of every process),
+written into ``.tmp-step_N``, flushed to disk, marked complete with ``checkpoint.json`` (the
+``TrainState`` and the size of every file) and renamed to ``step_N`` only when every process has
+finished writing. A directory without the final name or the marker, or whose files do not match
+the marker, is never taken for a checkpoint. Loading uses safetensors and
+``torch.load(weights_only=True)`` only: a checkpoint cannot run code. Checkpoints are for
+resuming; the release format is the export.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-_STEP_RE = re.compile(r"^step_(\d+)$")
+# ``.old-step_N`` is a complete checkpoint moved aside while a new ``step_N`` replaces it.
+_STEP_RE = re.compile(r"^(\.old-)?step_(\d+)$")
 COMPLETE_MARKER = "checkpoint.json"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written or read; the message says which and what was kept."""
 
 
 @dataclass
@@ -43,17 +54,31 @@ class TrainState:
             setattr(self, key, value)
 
 
+def _read_marker(path: Path) -> dict | None:
+    """The marker of a complete checkpoint whose files all have their recorded sizes, else None."""
+    try:
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            logger.warning("ignoring checkpoint %s: %s is missing or truncated", path, name)
+            return None
+    return marker
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
+    found: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(".old-")):  # step_N first
         match = _STEP_RE.match(path.name)
-        if match and (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+        if match and int(match.group(2)) not in found and _read_marker(path) is not None:
+            found[int(match.group(2))] = path
+    return [found[step] for step in sorted(found)]
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -64,40 +89,152 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(
-            f"resume: {path} is not a complete ember-train checkpoint (no {COMPLETE_MARKER})"
+    if _read_marker(path) is None:
+        from ember_train.config.parse import ConfigError
+
+        raise ConfigError(
+            f"train.resume: {path} is not a complete ember-train checkpoint "
+            f"(no valid {COMPLETE_MARKER}, or its files are missing or truncated)"
         )
     return path
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk, so a checkpoint survives a node crash, not only a kill."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync directories
+        if path.is_file() or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_marker(tmp: Path, state: TrainState) -> None:
+    files = {}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(file)
+        files[str(file.relative_to(tmp))] = file.stat().st_size
+    marker = tmp / COMPLETE_MARKER
+    marker.write_text(json.dumps({"state": state.state_dict(), "files": files}))
+    _fsync(marker)
+    _fsync(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, never deleted first."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)  # also one left by a crash between the two renames
+    _fsync(final.parent)
+
+
+def _describe_failure(error: BaseException, step: int, tmp: Path, previous: Path | None) -> str:
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = "the disk is full" if full else f"{type(error).__name__}: {error}"
+    kept = f"the previous checkpoint {previous} is kept" if previous else "there is no earlier checkpoint"
+    return (
+        f"could not write the checkpoint of step {step} to {tmp} ({cause}; {free}); {kept}. "
+        "Free space (or fix the error) and rerun with train.resume=auto."
+    )
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint atomically, then delete the oldest beyond ``keep`` (never the new one)."""
+    """Write a checkpoint atomically, then delete the oldest beyond ``keep`` (never the new one).
+
+    Any failure while writing (a full disk, a quota, a broken file system) removes the partial
+    directory and raises a :class:`CheckpointError`; the previous checkpoint is untouched.
+    """
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{state.step:07d}"
     tmp = root / f".tmp-step_{state.step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
-    except OSError as e:
-        raise OSError(
-            f"could not write checkpoint at step {state.step} to {tmp} ({e}); the previous checkpoint is kept"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_marker(tmp, state)
+            _publish(tmp, final)
+    except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own type
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in list_checkpoints(output_dir) if p != final]
+        raise CheckpointError(
+            _describe_failure(e, state.step, tmp, previous[-1] if previous else None)
         ) from e
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"state": state.state_dict()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[: -max(keep, 1)]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a kill; never a checkpoint, only disk space
+            if int(stale.name.rsplit("_", 1)[1]) < state.step:
+                shutil.rmtree(stale, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path, state: TrainState) -> None:
+    """Restore model, optimizer, scheduler and RNG from ``checkpoint`` and ``state`` from its marker.
+
+    Everything is read with safetensors or ``torch.load(weights_only=True)`` (numpy RNG arrays
+    are allow-listed by accelerate). The ``TrainState`` comes from the JSON marker rather than
+    accelerate's pickled custom state, which accelerate always reads with ``weights_only=False``.
+    accelerate only logs a failure to restore RNG states; here it is an error, since the resumed
+    run would silently differ from the uninterrupted one.
+    """
+    path = Path(checkpoint)
+    marker = _read_marker(path)
+    if marker is None:
+        raise CheckpointError(f"{path} is not a complete ember-train checkpoint")
+    pickled = sorted(path.glob("custom_checkpoint_*.pkl"))
+    if pickled:  # accelerate would unpickle these with weights_only=False, i.e. run any code in them
+        raise CheckpointError(
+            f"{path} holds {pickled[0].name}, which accelerate can only load by unpickling it freely "
+            f"(it may run code). ember-train keeps its train state in {COMPLETE_MARKER}; if you trust this "
+            f"checkpoint (earlier ember-train versions pickled their train state), delete {pickled[0]} and resume again."
+        )
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    _check_rng_restored(path, accelerator.process_index)
+    state.load_state_dict(marker["state"])
+
+
+def _check_rng_restored(path: Path, process_index: int) -> None:
+    from accelerate.utils import load  # torch.load(weights_only=True) with numpy's RNG types allowed
+
+    file = path / f"random_states_{process_index}.pkl"
+    if not file.is_file():
+        logger.warning(
+            "%s has no RNG state for process %d (saved with fewer processes?); the resumed run will "
+            "not repeat the uninterrupted one exactly",
+            path,
+            process_index,
+        )
+        return
+    saved = load(file, weights_only=True)
+    restored = (
+        torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
+        and saved["random_state"] == random.getstate()
+        and all(
+            np.array_equal(a, b)
+            for a, b in zip(saved["numpy_random_seed"], np.random.get_state(), strict=True)
+        )
+    )
+    if not restored:
+        raise CheckpointError(
+            f"could not restore the RNG states saved in {file}; the resume would not be exact"
+        )
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
-from ember_train.training.checkpoint import TrainState, resolve_resume, save_checkpoint
+from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import multi_process_cpu
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.logging import MetricsLogger
@@ -67,7 +67,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    # The fused kernel (CPU and CUDA) does the whole update in one pass over the parameters.
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    except (RuntimeError, TypeError):  # a device or torch version without the fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
 def _set_epoch(dataloader: Any, epoch: int, start_batch: int) -> int:
@@ -114,11 +118,10 @@ def train_loop(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, state)
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             checkpoint,
@@ -137,6 +140,7 @@ def train_loop(
         dynamic_ncols=True,
     )
     last_logged: dict[str, float] = {}
+    step_finite = True  # every micro-batch of the current optimizer step had a finite loss
     start_time = time.perf_counter()
     model.train()
 
@@ -173,24 +177,39 @@ def train_loop(
                     if finite:
                         accelerator.backward(loss / accum)
             metrics_logger.accumulate({"loss": loss.item(), **step_metrics} if finite else step_metrics)
+            # One bad micro-batch spoils the step: updating with the others' gradients would hide it.
+            step_finite = step_finite and finite
 
             if not sync:
                 continue
             grad_norm = _clip_and_norm(accelerator, model, cfg.max_grad_norm)
-            if finite and math.isfinite(grad_norm):
+            # fp16: a non-finite gradient is a loss-scale overflow; the GradScaler must see it
+            # (it skips the update and lowers the scale), or its next unscale_ fails.
+            overflow = step_finite and not math.isfinite(grad_norm) and accelerator.scaler is not None
+            if step_finite and (math.isfinite(grad_norm) or overflow):
                 optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips the step
+                if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
-                state.nonfinite_streak = 0
+                    state.nonfinite_streak = 0
+                else:
+                    scale = accelerator.scaler.get_scale()
+                    logger.warning(
+                        "step %d: fp16 gradient overflow; update skipped, loss scale lowered to %g",
+                        state.step + 1,
+                        scale,
+                    )
+                    # Early overflows while the scale settles are normal; below 1 they are not.
+                    state.nonfinite_streak = state.nonfinite_streak + 1 if scale < 1 else 0
             else:
                 state.nonfinite_streak += 1
                 logger.warning(
                     "step %d: non-finite %s; skipping the update (%d in a row)",
                     state.step + 1,
-                    "loss" if not finite else "gradient",
+                    "loss" if not step_finite else "gradient",
                     state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
+            step_finite = True
             state.step += 1
             progress.update(1)
 
