@@ -1,4 +1,4 @@
-"""``ember-train`` command line: train, export, eval, mine.
+"""``ember-train`` command line: train, export, eval, mine, predict.
 
 ``train`` takes the config and ``section.key=value`` overrides, exactly like ``train.py``, so the
 config stays the whole experiment. Other subcommands register themselves from their packages.
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ember_train.evaluation import commands as evaluation_commands
 
     evaluation_commands.register(sub)
+    from ember_train import setfit_model
+
+    setfit_model.register(sub)
     return parser
 
 
