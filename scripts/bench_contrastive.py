@@ -213,23 +213,47 @@ def main() -> None:
                 # Alternate which runs first, so a trend in machine load does not favour one side.
                 for side in ("ember", "st") if r % 2 == 0 else ("st", "ember"):
                     if side == "ember":
-                        ember.append(bench_ember(pairs_file, batch_size, args.steps, args.warmup_steps,
-                                                 args.max_length, ember_precision, args.group_by_length,
-                                                 tmp / f"e{batch_size}_{r}"))
+                        ember.append(
+                            bench_ember(
+                                pairs_file,
+                                batch_size,
+                                args.steps,
+                                args.warmup_steps,
+                                args.max_length,
+                                ember_precision,
+                                args.group_by_length,
+                                tmp / f"e{batch_size}_{r}",
+                            )
+                        )
                     else:
-                        st.append(bench_st(pairs, batch_size, args.steps, args.warmup_steps, args.max_length,
-                                           args.precision, False, tmp / f"s{batch_size}_{r}"))
-                print(f"batch {batch_size} repeat {r}: ember {ember[-1]:.2f} samples/s, st {st[-1]:.2f} samples/s",
-                      flush=True)
+                        st.append(
+                            bench_st(
+                                pairs,
+                                batch_size,
+                                args.steps,
+                                args.warmup_steps,
+                                args.max_length,
+                                args.precision,
+                                False,
+                                tmp / f"s{batch_size}_{r}",
+                            )
+                        )
+                print(
+                    f"batch {batch_size} repeat {r}: ember {ember[-1]:.2f} samples/s, st {st[-1]:.2f} samples/s",
+                    flush=True,
+                )
             ratios = [e / s for e, s in zip(ember, st, strict=True)]
             tokens_per_s = LAST_EMBER_STATS["tokens_per_s"]
             flops = tokens_per_s * training_flops_per_token(args.max_length)
             peak = matmul_peak(torch.bfloat16 if ember_precision == "bf16" else torch.float32)
             fp32_peak = matmul_peak(torch.float32)
-            print(f"batch {batch_size}: ember {tokens_per_s:.0f} real tokens/s, padding "
-                  f"{LAST_EMBER_STATS['padding_fraction']:.1%}, model FLOP/s {flops / 1e9:.1f} G; matmul peak "
-                  f"{ember_precision} {peak / 1e9:.1f} G (MFU {flops / peak:.1%}), fp32 {fp32_peak / 1e9:.1f} G "
-                  f"(MFU vs fp32 peak {flops / fp32_peak:.1%})", flush=True)
+            print(
+                f"batch {batch_size}: ember {tokens_per_s:.0f} real tokens/s, padding "
+                f"{LAST_EMBER_STATS['padding_fraction']:.1%}, model FLOP/s {flops / 1e9:.1f} G; matmul peak "
+                f"{ember_precision} {peak / 1e9:.1f} G (MFU {flops / peak:.1%}), fp32 {fp32_peak / 1e9:.1f} G "
+                f"(MFU vs fp32 peak {flops / fp32_peak:.1%})",
+                flush=True,
+            )
             rows.append(
                 (
                     batch_size,

@@ -51,22 +51,41 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(pairs_file: Path, batch: int, chunk: int, steps: int, max_length: int, tmp: Path) -> dict:
     out = Path(tempfile.mkdtemp(dir=tmp))
-    cmd = [sys.executable, __file__, "--child", "--pairs-file", str(pairs_file), "--batch", str(batch),
-           "--chunk", str(chunk), "--steps", str(steps), "--max-length", str(max_length), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--pairs-file",
+        str(pairs_file),
+        "--batch",
+        str(batch),
+        "--chunk",
+        str(chunk),
+        "--steps",
+        str(steps),
+        "--max-length",
+        str(max_length),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(done.stderr[-3000:])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
-    parser.add_argument("--pairs", type=Path, default=REPO.parent / "shared/data/debian-packages/train.jsonl.gz")
+    parser.add_argument(
+        "--pairs", type=Path, default=REPO.parent / "shared/data/debian-packages/train.jsonl.gz"
+    )
     parser.add_argument("--batches", default="32,256,1024")
     parser.add_argument("--plain-batches", default="32,256", help="plain training sizes (1024 needs ~10+ GB)")
     parser.add_argument("--chunk", type=int, default=32)
@@ -85,9 +104,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pairs_file = tmp / "pairs.jsonl"
-        pairs_file.write_text("".join(json.dumps({"query": r["short"], "pos": r["long"]}) + "\n" for r in rows[:20000]))
+        pairs_file.write_text(
+            "".join(json.dumps({"query": r["short"], "pos": r["long"]}) + "\n" for r in rows[:20000])
+        )
 
-        print(f"max_length {args.max_length}, chunk {args.chunk}, {args.steps} steps per run (first not timed)")
+        print(
+            f"max_length {args.max_length}, chunk {args.chunk}, {args.steps} steps per run (first not timed)"
+        )
         print("\n| global batch | grad cache peak RSS (MiB) | plain peak RSS (MiB) |\n|---|---|---|")
         cached_peaks = []
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -102,10 +125,15 @@ def main() -> None:
         ratios = []
         for _ in range(args.overhead_repeats):
             plain = run_child(pairs_file, args.overhead_batch, 0, args.steps + 1, args.max_length, tmp)
-            cached = run_child(pairs_file, args.overhead_batch, args.chunk, args.steps + 1, args.max_length, tmp)
+            cached = run_child(
+                pairs_file, args.overhead_batch, args.chunk, args.steps + 1, args.max_length, tmp
+            )
             ratios.append(cached["seconds_per_step"] / plain["seconds_per_step"])
-            print(f"batch {args.overhead_batch}: plain {plain['seconds_per_step']:.2f} s/step, "
-                  f"grad cache {cached['seconds_per_step']:.2f} s/step, overhead {ratios[-1]:.2f}x", flush=True)
+            print(
+                f"batch {args.overhead_batch}: plain {plain['seconds_per_step']:.2f} s/step, "
+                f"grad cache {cached['seconds_per_step']:.2f} s/step, overhead {ratios[-1]:.2f}x",
+                flush=True,
+            )
         print(f"grad cache time overhead: mean {sum(ratios) / len(ratios):.2f}x over {len(ratios)} repeats")
 
 

@@ -165,11 +165,6 @@ def test_label_column_with_one_class_loads_via_public_loader():
     assert data.label_names() == ["games"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the one-class check in ember_train/pipelines/setfit.py (diff in the issue-7 report); "
-    "today fit_head raises a bare ValueError with a traceback",
-)
 def test_setfit_training_on_one_class_is_a_clear_error(tmp_path, tiny_bert_path, capsys):
     path = BROKEN / "one_class.jsonl"
     cfg = tmp_path / "setfit.yaml"

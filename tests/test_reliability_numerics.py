@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from reliability.tiny_loop import run_tiny
+from reliability.tiny_loop import TinyModel, run_tiny
 from safetensors.torch import load_file
 
 from ember_train import cli
@@ -137,19 +136,33 @@ def fp16_accelerator_on_cpu():
 def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, caplog, fp16_accelerator_on_cpu):
     caplog.set_level(logging.WARNING)
     accelerator = fp16_accelerator_on_cpu
-    # Huge losses for the first 3 calls: scaled gradients overflow fp16.
+    run = tmp_path / "run"
+    # Huge losses for the first 3 steps: their scaled gradients overflow fp16.
     result = run_tiny(
-        tmp_path / "run",
+        run,
         poison=lambda call, loss: loss * 1e4 if call <= 3 else loss,
         accelerator=accelerator,
         max_steps=6,
-        max_nonfinite_steps=2,
+        max_nonfinite_steps=2,  # overflows while the scale settles do not count
+        checkpoint_every=1,
+        keep_checkpoints=10,
     )
     assert result["step"] == 6
     overflows = [r.getMessage() for r in caplog.records if "fp16 gradient overflow" in r.getMessage()]
-    assert len(overflows) >= 1, caplog.text
-    assert accelerator.scaler.get_scale() < 2.0**16
-    assert all(math.isfinite(v.float().sum()) for v in result["model"].state_dict().values())
+    assert [m.split(":")[0] for m in overflows] == ["step 1", "step 2", "step 3"], caplog.text
+    assert (
+        accelerator.scaler.get_scale() == 2.0**16 * 0.5**3
+    )  # GradScaler's default backoff, once per overflow
+    # Overflowed steps changed neither the weights nor the schedule; later steps trained.
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in TinyModel().state_dict().items()}
+    checkpoints = list_checkpoints(run)
+    after_overflows, final = _weights(checkpoints[2]), _weights(checkpoints[-1])
+    assert all(torch.equal(after_overflows[k], initial[k]) for k in initial)
+    assert not all(torch.equal(final[k], initial[k]) for k in initial)
+    assert all(torch.isfinite(v).all() for v in final.values())
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert lrs[1] == lrs[2] == lrs[3] == 1e-2 and lrs[4] < 1e-2
 
 
 def test_cli_reports_the_stop_in_one_line(tmp_path, tiny_bert_path, monkeypatch, capsys):

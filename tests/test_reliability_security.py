@@ -158,10 +158,6 @@ def _write_exploit(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs model.allow_pickle_weights in ModelConfig (ember_train/config/schema.py; diff in the issue-7 report)",
-)
 def test_config_can_allow_pickle_weights_explicitly(tmp_path, tiny_bert_path):
     path = _pickle_only_copy(tiny_bert_path, tmp_path / "pickled")
     cfg = tmp_path / "c.yaml"

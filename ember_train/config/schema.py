@@ -21,6 +21,7 @@ class ModelConfig:
     query_prefix: str | None = None  # e.g. "query: " or an instruction
     document_prefix: str | None = None
     trust_remote_code: bool = False  # never run Hub code unless the user asks
+    allow_pickle_weights: bool = False  # read pytorch_model.bin (pickle) when there is no safetensors
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.pooling not in POOLING_MODES:
@@ -36,6 +37,7 @@ class ModelConfig:
             "query_prefix": self.query_prefix,
             "document_prefix": self.document_prefix,
             "trust_remote_code": self.trust_remote_code,
+            "allow_pickle_weights": self.allow_pickle_weights,
         }
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_records
+from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,11 @@ def load_labelled(
     labels: list[Any] = []
     multi: bool | None = None
     name = str(source)
-    for row, record in iter_records(source, split=split):
-        where = name
+
+    def skip(error: DataError) -> None:
+        handle_bad_row(error, on_bad_rows, bad)
+
+    for where, row, record in iter_sourced_records(source, split=split, on_error=skip):
         try:
             text = check_text(record.get(text_field), source=where, row=row, field=text_field)
             label = _check_label(record.get(label_field), source=where, row=row, field=label_field)
@@ -186,11 +189,15 @@ def load_scored_pairs(
     s2: list[str] = []
     scores: list[float] = []
     name = str(source)
-    for row, record in iter_records(source, split=split):
+
+    def skip(error: DataError) -> None:
+        handle_bad_row(error, on_bad_rows, bad)
+
+    for file, row, record in iter_sourced_records(source, split=split, on_error=skip):
         try:
-            a = check_text(record.get(f1), source=name, row=row, field=f1)
-            b = check_text(record.get(f2), source=name, row=row, field=f2)
-            score = _check_score(record.get(fs), source=name, row=row, field=fs)
+            a = check_text(record.get(f1), source=file, row=row, field=f1)
+            b = check_text(record.get(f2), source=file, row=row, field=f2)
+            score = _check_score(record.get(fs), source=file, row=row, field=fs)
         except DataError as error:
             handle_bad_row(error, on_bad_rows, bad)
             continue

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from ember_train.encoder.encoder import Encoder
+from ember_train.encoder.encoder import Encoder, weight_loading_kwargs
 from ember_train.encoder.pooling import pool
 
 QueryStream = Literal["position", "embedding"]
@@ -337,12 +337,17 @@ class RetroMAEModel(nn.Module):
         decoder_init: Literal["random", "last_layer"] = "random",
         init_decoder_from: str | Path | None = None,
         trust_remote_code: bool = False,
+        allow_pickle_weights: bool = False,
     ) -> RetroMAEModel:
         """Load backbone + MLM head (a missing head, e.g. for a sentence-transformers checkpoint,
         is initialised and tied by transformers), and a new or saved decoder."""
         name_or_path = str(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        mlm = AutoModelForMaskedLM.from_pretrained(
+            name_or_path,
+            trust_remote_code=trust_remote_code,
+            **weight_loading_kwargs(name_or_path, allow_pickle_weights),
+        )
         max_seq_length = min(max_seq_length, getattr(mlm.config, "max_position_embeddings", max_seq_length))
         if init_decoder_from is not None:
             decoder = RetroMAEDecoder.load(init_decoder_from)

@@ -53,6 +53,12 @@ class LossConfig:
     symmetric: bool = False  # add the document->query term
     gather_across_devices: bool = False  # in-batch negatives from every process
 
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.num_negatives < 0:
+            raise ValueError("num_negatives must be >= 0")
+
 
 @dataclass
 class EvalConfig:

@@ -36,6 +36,7 @@ from ember_train.data.labelled import (
     sample_per_label,
 )
 from ember_train.data.pairs import token_counts
+from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
 from ember_train.encoder import Encoder
@@ -365,6 +366,13 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
 
     read = {"text_field": data.text_field, "label_field": data.label_field, "on_bad_rows": data.on_bad_rows}
     train = load_labelled(data.train, split=data.split, **read) if data.train else None
+    if train is not None and not train.multi_label and len(train.label_names()) < 2:
+        raise DataError(
+            train.source,
+            None,
+            f"column {data.label_field!r} has only one class ({train.label_names()[0]!r} in all "
+            f"{len(train)} rows); a classifier needs at least two",
+        )
     if train is not None and data.samples_per_label:
         train = sample_per_label(train, data.samples_per_label, cfg.seed)
     test = load_labelled(data.test, split=data.test_split, **read) if data.test else None

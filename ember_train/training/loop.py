@@ -186,20 +186,22 @@ def train_loop(
             # fp16: a non-finite gradient is a loss-scale overflow; the GradScaler must see it
             # (it skips the update and lowers the scale), or its next unscale_ fails.
             overflow = step_finite and not math.isfinite(grad_norm) and accelerator.scaler is not None
-            if step_finite and (math.isfinite(grad_norm) or overflow):
+            if step_finite and math.isfinite(grad_norm):
                 optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
+                if not accelerator.optimizer_step_was_skipped:  # e.g. DeepSpeed's own fp16 overflow
                     scheduler.step()
-                    state.nonfinite_streak = 0
-                else:
-                    scale = accelerator.scaler.get_scale()
-                    logger.warning(
-                        "step %d: fp16 gradient overflow; update skipped, loss scale lowered to %g",
-                        state.step + 1,
-                        scale,
-                    )
-                    # Early overflows while the scale settles are normal; below 1 they are not.
-                    state.nonfinite_streak = state.nonfinite_streak + 1 if scale < 1 else 0
+                state.nonfinite_streak = 0
+            elif overflow:
+                # Not accelerate's optimizer_step_was_skipped: it misses the skip with fused AdamW.
+                optimizer.step()
+                scale = accelerator.scaler.get_scale()
+                logger.warning(
+                    "step %d: fp16 gradient overflow; update skipped, loss scale lowered to %g",
+                    state.step + 1,
+                    scale,
+                )
+                # Early overflows while the scale settles are normal; below 1 they are not.
+                state.nonfinite_streak = state.nonfinite_streak + 1 if scale < 1 else 0
             else:
                 state.nonfinite_streak += 1
                 logger.warning(
