@@ -58,3 +58,24 @@ def make_tiny_bert(path: Path, *, vocab_from: Path | None = None, seed: int = 0)
 def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT (with an MLM head) on disk; tests must not modify it."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def two_process_launch(script: str | Path, *args: object) -> tuple[list[str], dict[str, str]]:
+    """Command and environment for 2 CPU processes (gloo) under ``accelerate launch``."""
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        "0",
+        str(script),
+        *map(str, args),
+    ]
+    return cmd, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

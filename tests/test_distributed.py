@@ -2,10 +2,10 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import two_process_launch
 
 from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
@@ -14,21 +14,7 @@ HERE = os.path.dirname(__file__)
 
 
 def _launch(script, *args, timeout=600):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        "0",
-        script,
-        *map(str, args),
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd, env = two_process_launch(script, *args)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -7,12 +7,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, two_process_launch
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 120
@@ -36,22 +35,7 @@ def test_rank_1_raises_both_processes_exit_non_zero_in_bounded_time(tmp_path, ti
         f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 32}}\n"
         "train: {batch_size: 4, max_steps: 6}\neval: {before_training: false}\nexport: {enabled: false}\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        "0",
-        str(HERE / "reliability" / "rank_fails.py"),
-        str(cfg),
-        str(tmp_path),
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd, env = two_process_launch(str(HERE / "reliability" / "rank_fails.py"), str(cfg), str(tmp_path))
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, two_process_launch
 from test_retromae_masking import corpus_texts, train_wordpiece
 
 from ember_train.config import from_dict, load_config
@@ -232,9 +232,7 @@ def test_paper_config_matches_the_paper_setting():
 @pytest.mark.parametrize("streaming", [False, True])
 def test_two_process_training(small_bert, tmp_path, streaming):
     """``accelerate launch`` with 2 gloo processes: DDP over encoder, head and decoder; both data paths."""
-    import os
     import subprocess
-    import sys
 
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(
@@ -243,22 +241,7 @@ def test_two_process_training(small_bert, tmp_path, streaming):
         f"data: {{train: {CORPUS}, max_texts: 64, streaming: {str(streaming).lower()}}}\n"
         "train: {batch_size: 4, max_steps: 3, gradient_accumulation_steps: 2, log_every: 1}\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        "0",
-        str(REPO / "train.py"),
-        "--config",
-        str(cfg),
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd, env = two_process_launch(REPO / "train.py", "--config", cfg)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

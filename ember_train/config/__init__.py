@@ -8,10 +8,11 @@ from ember_train.config.parse import (
     save_config,
     to_dict,
 )
-from ember_train.config.schema import ModelConfig, TrainConfig
+from ember_train.config.schema import ExportConfig, ModelConfig, TrainConfig
 
 __all__ = [
     "ConfigError",
+    "ExportConfig",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",

@@ -79,3 +79,12 @@ class TrainConfig:
         unknown = set(self.report_to) - {"jsonl", "wandb"}
         if unknown:
             raise ValueError(f"report_to: unknown logger(s) {sorted(unknown)}; use jsonl and/or wandb")
+
+
+@dataclass
+class ExportConfig:
+    """Where the release (sentence-transformers) export goes, and its name in the model card."""
+
+    enabled: bool = True
+    dir: str | None = None  # default: <output_dir>/final
+    model_name: str | None = None  # name in the model card; default: the directory name

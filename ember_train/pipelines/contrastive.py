@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder
@@ -70,13 +70,6 @@ class EvalConfig:
     data_root: str | None = None  # fills ${EMBER_EVAL_ROOT} in the descriptors
     batch_size: int = 64
     before_training: bool = True
-
-
-@dataclass
-class ExportConfig:
-    enabled: bool = True
-    dir: str | None = None  # default: <output_dir>/final
-    model_name: str | None = None  # name in the model card; default: the directory name
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.labelled import (
     LabelledTexts,
     ScoredPairs,
@@ -112,13 +112,6 @@ class SetFitEvalConfig:
 
 
 @dataclass
-class SetFitExportConfig:
-    enabled: bool = True
-    dir: str | None = None  # default: <output_dir>/final
-    model_name: str | None = None
-
-
-@dataclass
 class SetFitConfig:
     model: ModelConfig
     data: SetFitDataConfig
@@ -129,7 +122,7 @@ class SetFitConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=16, learning_rate=2e-5))
     eval: SetFitEvalConfig = field(default_factory=SetFitEvalConfig)
-    export: SetFitExportConfig = field(default_factory=SetFitExportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ---------------------------------------------------------------------------------------------
