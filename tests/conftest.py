@@ -34,6 +34,18 @@ def minilm_path() -> Path:
     return minilm_dir()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and immune to OpenMP spinning on a busy machine
+    (2 threads measured 10-20x slower per step here while other jobs ran)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tiny_bert(path: Path, *, vocab_from: Path | None = None, seed: int = 0) -> Path:
     """Save a randomly initialised 2-layer, 32-dim BERT with MiniLM's WordPiece tokenizer."""
     import torch

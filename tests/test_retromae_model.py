@@ -12,15 +12,7 @@ from ember_train.encoder import Encoder
 from ember_train.encoder.retromae import DecoderConfig, RetroMAEDecoder, RetroMAEModel, RetroMAEOutput
 from ember_train.losses.retromae import RetroMAELoss, token_cross_entropy
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and immune to OpenMP spinning on a busy machine
-    (2 threads measured 10-20x slower per step here while other jobs ran)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch_for(model: RetroMAEModel, n: int = 6, seed: int = 0, max_length: int = 48) -> dict:

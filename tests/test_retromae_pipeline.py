@@ -18,14 +18,7 @@ from ember_train.pipelines.retromae import RetroMAEConfig, run
 CORPUS = FIXTURES / "retromae" / "debian_long.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and immune to OpenMP spinning on a busy machine
-    (2 threads measured 10-20x slower per step here while other jobs ran)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
