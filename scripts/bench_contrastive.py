@@ -1,13 +1,17 @@
 """Contrastive training throughput: ember-train vs sentence-transformers' trainer, side by side.
 
     python scripts/bench_contrastive.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
-        --batch-sizes 32,64 --steps 12 --warmup-steps 2 --repeats 2
+        --batch-sizes 32 --steps 21 --warmup-steps 1 --repeats 2 \
+        --variants ember:fp32,ember:fp32+grouped,ember:fp32+grouped+2proc,st:fp32
 
 Same model (the packaged all-MiniLM-L6-v2), same pairs (Debian short -> long description),
-same max length, batch size and precision. sentence-transformers runs
+same max length, batch size and precision. Every run is exactly one epoch over the same
+``batch x steps`` pairs, so length-grouped and plain runs process the same texts. sentence-transformers runs
 ``MultipleNegativesRankingLoss`` with its no-duplicates batch sampler (ember-train also keeps
 duplicates out of a batch). Runs alternate (ember then st, st then ember, ...) so machine noise hits
-both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s and the ratio.
+both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s, the ratio of each
+run to each sentence-transformers run of the same repeat, and ember-train's model FLOP utilisation
+against fp32 and bf16 matmul peaks measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +60,10 @@ def bench_ember(
     precision: str,
     group_by_length: bool,
     out_dir: Path,
+    processes: int = 1,
 ) -> float:
+    """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
+    (one torch thread each, gathered negatives) with the same *global* batch."""
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
@@ -65,16 +73,21 @@ def bench_ember(
         f"task: contrastive\noutput_dir: {out_dir / 'run'}\nseed: 0\n"
         f"model: {{name_or_path: '{MODEL}', max_seq_length: {max_length}, normalize: true}}\n"
         f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
-        "loss: {temperature: 0.05}\n"
-        f"train: {{batch_size: {batch_size}, max_steps: {steps}, log_every: 1, resume: none,"
+        f"loss: {{temperature: 0.05, gather_across_devices: {str(processes > 1).lower()}}}\n"
+        f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
         f" mixed_precision: '{'bf16' if precision == 'bf16' else 'no'}', keep_checkpoints: 1}}\n"
         "export: {enabled: false}\n"
     )
-    cfg = load_config(str(cfg_path))
-    contrastive.run(cfg)
+    if processes == 1:
+        contrastive.run(load_config(str(cfg_path)))
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
+        cmd += [str(processes), "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]
+        cmd += [str(REPO / "train.py"), "--config", str(cfg_path)]
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "samples_per_s" in r][warmup:]
-    # samples/s per window of one step -> total samples / total time over the timed steps
+    # Per-step rates (global: the logger scales by the process count) -> total samples / total time.
     seconds = sum(batch_size / r["samples_per_s"] for r in timed)
     tokens = sum(r["tokens_per_s"] * batch_size / r["samples_per_s"] for r in timed)
     padding = sum(r["padding_fraction"] for r in timed) / len(timed)
@@ -85,17 +98,29 @@ def bench_ember(
 LAST_EMBER_STATS: dict[str, float] = {}
 
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of a square matmul: the hardware ceiling that MFU is reported against."""
+def matmul_peak(dtype, size: int = 2048, repeats: int = 10, budget_s: float = 3.0) -> float:
+    """Measured FLOP/s of a square matmul: the hardware ceiling that MFU is reported against.
+
+    Stops early after ``budget_s`` (at least two timed runs), because on CPUs without native bf16
+    a bf16 matmul is ~100x slower than fp32 and a fixed repeat count would take minutes.
+    """
     import torch
 
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    start = time.perf_counter()
     torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
+    if time.perf_counter() - start > budget_s:  # far below peak: measure a smaller problem
+        size //= 4
+        a, b = a[:size, :size].contiguous(), b[:size, :size].contiguous()
+        torch.matmul(a, b)
+    best, spent = float("inf"), 0.0
+    for i in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if i >= 1 and spent > budget_s:
+            break
     return 2 * size**3 / best
 
 
@@ -170,6 +195,19 @@ def bench_st(
     return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
+def parse_variant(spec: str) -> tuple[str, str, bool, int]:
+    """``ember:fp32+grouped+2proc`` -> ("ember", "fp32", True, 2); ``st:bf16`` -> ("st", "bf16", False, 1)."""
+    side, _, rest = spec.partition(":")
+    precision, *extras = rest.split("+")
+    if side not in ("ember", "st") or precision not in ("fp32", "bf16") or set(extras) - {"grouped", "2proc"}:
+        raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
+    if side == "st" and extras:
+        raise SystemExit(
+            "sentence-transformers runs with its defaults here (one process, no length grouping)"
+        )
+    return side, precision, "grouped" in extras, 2 if "2proc" in extras else 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,96 +220,105 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument(
-        "--ember-precision",
-        choices=["fp32", "bf16"],
-        default=None,
-        help="ember-train's precision if different (e.g. recommended CPU settings)",
+        "--variants",
+        default="ember:fp32,st:fp32",
+        help="comma-separated runs: ember:{fp32,bf16}[+grouped], st:{fp32,bf16}",
     )
-    parser.add_argument("--group-by-length", action="store_true", help="ember-train's length-aware batching")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     import torch
 
+    variants = [v.strip() for v in args.variants.split(",")]
+    parsed = {v: parse_variant(v) for v in variants}
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {args.precision}, "
-        f"max_length {args.max_length}, steps {args.steps} (first {args.warmup_steps} not timed)"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, max_length {args.max_length}, "
+        f"steps {args.steps} (first {args.warmup_steps} not timed), variants {variants}"
     )
+    peaks = {"fp32": [matmul_peak(torch.float32)], "bf16": [matmul_peak(torch.bfloat16)]}
     pairs = load_debian_pairs(args.pairs, args.num_pairs, args.seed)
-    ember_precision = args.ember_precision or args.precision
-    rows = []
+    flops_per_token = training_flops_per_token(args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pairs_file = tmp / "pairs.jsonl"
-        pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            ember, st = [], []
+            # Every run trains one epoch over the same batch x steps pairs: grouped and ungrouped
+            # batches then hold the same texts in total, so samples/s compare like for like.
+            epoch = pairs[: batch_size * args.steps]
+            if len(epoch) < batch_size * args.steps:
+                raise SystemExit(f"--num-pairs must be at least batch x steps = {batch_size * args.steps}")
+            pairs_file = tmp / f"pairs_{batch_size}.jsonl"
+            pairs_file.write_text("".join(json.dumps(p) + "\n" for p in epoch))
+            speed: dict[str, list[float]] = {v: [] for v in variants}
+            stats: dict[str, list[dict]] = {v: [] for v in variants}
             for r in range(args.repeats):
-                # Alternate which runs first, so a trend in machine load does not favour one side.
-                for side in ("ember", "st") if r % 2 == 0 else ("st", "ember"):
+                # Alternate the order, so a trend in machine load does not favour one side.
+                for v in variants if r % 2 == 0 else variants[::-1]:
+                    side, precision, grouped, processes = parsed[v]
+                    out = tmp / f"{batch_size}_{r}_{v.replace(':', '_').replace('+', '_')}"
                     if side == "ember":
-                        ember.append(
+                        speed[v].append(
                             bench_ember(
                                 pairs_file,
                                 batch_size,
                                 args.steps,
                                 args.warmup_steps,
                                 args.max_length,
-                                ember_precision,
-                                args.group_by_length,
-                                tmp / f"e{batch_size}_{r}",
+                                precision,
+                                grouped,
+                                out,
+                                processes,
                             )
                         )
+                        stats[v].append(dict(LAST_EMBER_STATS))
                     else:
-                        st.append(
+                        speed[v].append(
                             bench_st(
-                                pairs,
+                                epoch,
                                 batch_size,
                                 args.steps,
                                 args.warmup_steps,
                                 args.max_length,
-                                args.precision,
+                                precision,
                                 False,
-                                tmp / f"s{batch_size}_{r}",
+                                out,
                             )
                         )
-                print(
-                    f"batch {batch_size} repeat {r}: ember {ember[-1]:.2f} samples/s, st {st[-1]:.2f} samples/s",
-                    flush=True,
-                )
-            ratios = [e / s for e, s in zip(ember, st, strict=True)]
-            tokens_per_s = LAST_EMBER_STATS["tokens_per_s"]
-            flops = tokens_per_s * training_flops_per_token(args.max_length)
-            peak = matmul_peak(torch.bfloat16 if ember_precision == "bf16" else torch.float32)
-            fp32_peak = matmul_peak(torch.float32)
+                    print(f"batch {batch_size} repeat {r}: {v} {speed[v][-1]:.2f} samples/s", flush=True)
+            for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                peaks[dtype_name].append(matmul_peak(dtype))
+            fp32_peak, bf16_peak = max(peaks["fp32"]), max(peaks["bf16"])
             print(
-                f"batch {batch_size}: ember {tokens_per_s:.0f} real tokens/s, padding "
-                f"{LAST_EMBER_STATS['padding_fraction']:.1%}, model FLOP/s {flops / 1e9:.1f} G; matmul peak "
-                f"{ember_precision} {peak / 1e9:.1f} G (MFU {flops / peak:.1%}), fp32 {fp32_peak / 1e9:.1f} G "
-                f"(MFU vs fp32 peak {flops / fp32_peak:.1%})",
-                flush=True,
+                f"\nbatch {batch_size}; matmul peaks (best of start/end): fp32 {fp32_peak / 1e9:.1f} GFLOP/s, "
+                f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s"
             )
-            rows.append(
-                (
-                    batch_size,
-                    statistics.mean(ember),
-                    statistics.mean(st),
-                    statistics.mean(ratios),
-                    min(ratios),
-                    max(ratios),
-                )
+            st_variants = [v for v in variants if parsed[v][0] == "st"]
+            header = "| variant | samples/s (mean) | " + " | ".join(
+                f"ratio vs {s} (min-max)" for s in st_variants
             )
-    print()
-    print(
-        f"| batch | ember-train samples/s ({ember_precision}{', length-grouped' if args.group_by_length else ''}) "
-        f"| sentence-transformers samples/s ({args.precision}) | ratio (mean, min-max over repeats) |"
-    )
-    print("|---|---|---|---|")
-    for b, e, s, r, lo, hi in rows:
-        print(f"| {b} | {e:.2f} | {s:.2f} | {r:.2f}x ({lo:.2f}-{hi:.2f}) |")
+            header += " | real tokens/s | padding | MFU vs fp32 peak | MFU vs own-precision peak |"
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1))
+            for v in variants:
+                cells = [v, f"{statistics.mean(speed[v]):.2f}"]
+                for s in st_variants:
+                    ratios = [a / b for a, b in zip(speed[v], speed[s], strict=True)]
+                    cells.append(f"{statistics.mean(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+                if parsed[v][0] == "ember":
+                    tokens = statistics.mean(x["tokens_per_s"] for x in stats[v])
+                    padding = statistics.mean(x["padding_fraction"] for x in stats[v])
+                    flops = tokens * flops_per_token
+                    own = bf16_peak if parsed[v][1] == "bf16" else fp32_peak
+                    cells += [
+                        f"{tokens:.0f}",
+                        f"{padding:.1%}",
+                        f"{flops / fp32_peak:.1%}",
+                        f"{flops / own:.1%}",
+                    ]
+                else:
+                    cells += ["", "", "", ""]
+                print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,11 +123,14 @@ def main() -> None:
         print(f"\ngrad cache peak RSS, largest / smallest batch: {cached_peaks[-1] / cached_peaks[0]:.2f}x")
 
         ratios = []
-        for _ in range(args.overhead_repeats):
-            plain = run_child(pairs_file, args.overhead_batch, 0, args.steps + 1, args.max_length, tmp)
-            cached = run_child(
-                pairs_file, args.overhead_batch, args.chunk, args.steps + 1, args.max_length, tmp
-            )
+        for repeat in range(args.overhead_repeats):
+            # Alternate which runs first, so a trend in machine load does not favour one side.
+            runs = {}
+            for chunk in (0, args.chunk) if repeat % 2 == 0 else (args.chunk, 0):
+                runs[chunk] = run_child(
+                    pairs_file, args.overhead_batch, chunk, args.steps + 1, args.max_length, tmp
+                )
+            plain, cached = runs[0], runs[args.chunk]
             ratios.append(cached["seconds_per_step"] / plain["seconds_per_step"])
             print(
                 f"batch {args.overhead_batch}: plain {plain['seconds_per_step']:.2f} s/step, "

@@ -26,6 +26,7 @@ from ember_train.config.schema import TrainConfig
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import multi_process_cpu
 from ember_train.training.grad_cache import StepContext
+from ember_train.training.hardware import cpu_precision_warning
 from ember_train.training.logging import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ def build_accelerator(
         project_dir=str(output_dir),
         cpu=multi_process_cpu(),
     )
+    if (
+        accelerator.is_main_process
+        and accelerator.device.type == "cpu"
+        and (warning := cpu_precision_warning(cfg.mixed_precision))
+    ):
+        logger.warning(warning)
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
