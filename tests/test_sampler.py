@@ -62,3 +62,26 @@ def test_length_grouping_reduces_padding():
     grouped = padding(grouped_sampler)
     assert grouped < 0.2 * plain
     assert sorted(i for b in grouped_sampler for i in b) == list(range(2000))
+
+
+def test_contrastive_grouping_sorts_by_document_tokens_then_query(tiny_bert_path) -> None:
+    """Group keys come from truncated token counts, documents first: the cost that padding wastes."""
+    from ember_train.data.pairs import PairExample
+    from ember_train.encoder import Encoder
+    from ember_train.pipelines.contrastive import grouping_lengths
+
+    encoder = Encoder.from_pretrained(str(tiny_bert_path), max_seq_length=16)
+    examples = [
+        PairExample(query="a b c d e", positive="word " * 40),  # document truncated to 16 tokens
+        PairExample(query="a", positive="one two three"),
+        PairExample(query="a b", positive="one two three"),
+        PairExample(query="x", positive="one two three four five six"),
+    ]
+    keys = grouping_lengths(examples, encoder)
+    docs = encoder.token_lengths([e.positive for e in examples])
+    assert docs[0] == 16  # truncation applies, as in a batch
+    # The same counts a padded batch holds (its attention mask), one text at a time.
+    assert docs == encoder.tokenize([e.positive for e in examples])["attention_mask"].sum(1).tolist()
+    assert docs[1] == docs[2] < docs[3] < docs[0]
+    # Documents decide the order; the query breaks the tie between examples 1 and 2.
+    assert sorted(range(4), key=keys.__getitem__) == [1, 2, 3, 0]

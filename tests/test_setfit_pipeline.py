@@ -263,3 +263,27 @@ def test_two_processes_with_accelerate_launch(tiny_bert_path, tmp_path, head):
     assert results["eval_after_classification"]["metrics"]["accuracy"] > 40.0
     model = SetFitStyleModel.from_pretrained(tmp_path / "run" / "final")
     assert model.labels == ["food", "music", "sports"]
+
+
+def test_skipping_the_before_evaluation_changes_nothing_but_work(tiny_bert_path, tmp_path):
+    """Without a "before" evaluation the frozen-body head is not fitted (nobody would see it):
+    the tuned body, the final head and the final checkpoint's head are exactly those of a run
+    that evaluated before training."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = run(make_cfg(tiny_bert_path, tmp_path / "a"))
+    lean = run(make_cfg(tiny_bert_path, tmp_path / "b", eval={"before_training": False}))
+    assert "eval_before_classification" in full and "eval_before_classification" not in lean
+    assert lean["eval_after_classification"] == full["eval_after_classification"]
+
+    test = [json.loads(line)["text"] for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
+    a = SetFitStyleModel.from_pretrained(tmp_path / "a" / "run" / "final")
+    b = SetFitStyleModel.from_pretrained(tmp_path / "b" / "run" / "final")
+    np.testing.assert_array_equal(a.predict_proba(test), b.predict_proba(test))
+
+    # The final checkpoint (written once, after the refit) holds the refitted head, not the zero one.
+    checkpoints = list_checkpoints(tmp_path / "b" / "run")
+    cfg_b = make_cfg(tiny_bert_path, tmp_path / "b", eval={"before_training": False})
+    export_checkpoint(cfg_b, checkpoints[-1], tmp_path / "b_from_checkpoint")
+    from_checkpoint = SetFitStyleModel.from_pretrained(tmp_path / "b_from_checkpoint")
+    np.testing.assert_allclose(from_checkpoint.predict_proba(test), b.predict_proba(test), atol=1e-6)

@@ -156,7 +156,8 @@ def fit_logistic_regression(
 
     x = np.asarray(embeddings, dtype=np.float32)
     classes = list(classes) if classes is not None else label_list(labels, multi_label)
-    head = LinearHead(x.shape[1], classes, multi_label=multi_label, kind="logistic_regression")
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten; leave the training RNG alone
+        head = LinearHead(x.shape[1], classes, multi_label=multi_label, kind="logistic_regression")
     weight = np.zeros((len(classes), x.shape[1]), dtype=np.float64)
     bias = np.zeros(len(classes), dtype=np.float64)
     with warnings.catch_warnings():

@@ -47,6 +47,7 @@ from ember_train.export.model_card import render_model_card
 from ember_train.losses.cosine import build_pair_loss
 from ember_train.setfit_model import SetFitStyleModel
 from ember_train.training.checkpoint import TrainState, load_model_weights, save_checkpoint
+from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.loop import build_accelerator, train_loop
 
 logger = logging.getLogger(__name__)
@@ -145,15 +146,21 @@ class ScoredPairDataset(Dataset):
 
 
 class PairCollator:
-    """Tokenize both sides of every pair in one padded batch (one forward pass per step)."""
+    """Tokenize both sides of every pair together, sorted by length into two padded slices.
+
+    Texts of both sides share the slices, so each slice pads to the longest of similar texts:
+    never more padding than one slice per side, and much less when lengths vary (Banking77).
+    """
 
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
+        chunks, order = self.encoder.tokenize_by_length(texts, num_chunks=2)
         return {
-            "features": self.encoder.tokenize(texts),
+            "chunks": chunks,
+            "order": order,
             "label": torch.tensor([float(it["label"]) for it in items]),
         }
 
@@ -203,16 +210,38 @@ def build_pair_dataset(
     return dataset, counts
 
 
-def make_pair_loss_step(loss_fn: torch.nn.Module):
-    """Embed both sides in one forward, then the cosine loss against the pair targets."""
+def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0):
+    """Embed the length-sorted slices, restore pair order, then the cosine loss against the targets.
+
+    With ``grad_cache_chunk_size > 0`` the slices are embedded in chunks through the gradient
+    cache, which runs its own backward passes (the loop is told so via ``backward_in_step``).
+    """
+
+    def loss_from_embeddings(sorted_embeddings: list[torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        embeddings = torch.cat(sorted_embeddings)[torch.argsort(batch["order"])]  # back to pair order
+        size = batch["label"].shape[0]
+        return loss_fn(embeddings[:size], embeddings[size:], batch["label"])
+
+    def counts(batch: dict[str, Any]) -> dict[str, float]:
+        return {"samples": float(batch["label"].shape[0]), **token_counts(*batch["chunks"])}
 
     def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        embeddings = model(batch["features"], output="embedding")
-        size = batch["label"].shape[0]
-        loss = loss_fn(embeddings[:size], embeddings[size:], batch["label"])
-        return loss, {"samples": float(size), **token_counts(batch["features"])}
+        sorted_embeddings = [model(chunk, output="embedding") for chunk in batch["chunks"]]
+        return loss_from_embeddings(sorted_embeddings, batch), counts(batch)
 
-    return loss_step
+    def cached_loss_step(
+        model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = grad_cache_step(
+            model,
+            batch["chunks"],
+            lambda embeddings: loss_from_embeddings(embeddings, batch),
+            ctx,
+            grad_cache_chunk_size,
+        )
+        return loss, counts(batch)
+
+    return cached_loss_step if grad_cache_chunk_size > 0 else loss_step
 
 
 def make_head_loss_step(head: LinearHead):
@@ -387,11 +416,16 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     batch_size = cfg.eval.batch_size
 
     # Before: the frozen body with a head fitted on its embeddings (every process fits the same head).
-    head = (
-        fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size)
-        if train is not None
-        else None
-    )
+    # Nobody sees that head when there is no "before" evaluation and the only checkpoint is the
+    # last one (written after the refit): then a zero head holds the label list and fitting waits.
+    head = None
+    if train is not None and (cfg.eval.before_training or cfg.train.checkpoint_every > 0):
+        head = fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size)
+    elif train is not None:
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG (dropout) where it was
+            head = LinearHead(encoder.dim, train.label_names(), multi_label=train.multi_label)
+        torch.nn.init.zeros_(head.linear.weight)
+        torch.nn.init.zeros_(head.linear.bias)
     model = SetFitStyleModel(encoder, head)
     model.to(accelerator.device)
     before: dict[str, EvalResult] = {}
@@ -438,11 +472,13 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     outcome = train_loop(
         accelerator=accelerator,
         model=model,
-        loss_step=make_pair_loss_step(loss_fn),
+        loss_step=make_pair_loss_step(loss_fn, cfg.train.grad_cache_chunk_size),
+        backward_in_step=cfg.train.grad_cache_chunk_size > 0,
         dataloader=dataloader,
         cfg=cfg.train,
         output_dir=output_dir,
         evaluate=evaluate_during if (test is not None and head is not None) or sts is not None else None,
+        save_final_checkpoint=head is None,  # with a head, saved once below, after the refit
     )
     results: dict[str, Any] = {
         "steps": outcome["step"],
@@ -452,7 +488,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         "last_metrics": outcome["last_metrics"],
     }
 
-    # Head on the tuned body; the final checkpoint is rewritten so it holds this head.
+    # Head on the tuned body; the final checkpoint is written with this head.
     if head is not None:
         _set_head(model, fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size))
         save_checkpoint(

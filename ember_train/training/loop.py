@@ -100,6 +100,7 @@ def train_loop(
     output_dir: str | Path,
     evaluate: Callable[[], dict[str, float]] | None = None,
     backward_in_step: bool = False,
+    save_final_checkpoint: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
@@ -108,6 +109,8 @@ def train_loop(
     on the main process every ``cfg.eval_every`` steps; the pipeline runs it before and after.
     With ``backward_in_step`` the loss step is called as ``loss_step(model, batch, ctx)`` and runs
     its own backward passes through ``ctx`` (a :class:`StepContext`); the loop does the rest.
+    ``save_final_checkpoint=False`` leaves the last checkpoint to a pipeline that changes the model
+    after training (the SetFit-style head), so it is written once, complete.
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
@@ -245,7 +248,8 @@ def train_loop(
         break
 
     progress.close()
-    save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+    if save_final_checkpoint:
+        save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     return {
         "step": state.step,
         "epoch": state.epoch,

@@ -1,0 +1,89 @@
+"""SetFit pair batches: both sides sorted by length into two slices, loss in pair order, gradient cache."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from ember_train.encoder import Encoder
+from ember_train.encoder.heads import LinearHead
+from ember_train.losses.cosine import CosineMSELoss
+from ember_train.pipelines.setfit import PairCollator, make_pair_loss_step
+from ember_train.setfit_model import SetFitStyleModel
+from ember_train.training.grad_cache import StepContext
+
+SHORT = ["refund", "card lost", "atm fee", "pin"]
+LONG = [
+    "I was charged twice for the same purchase at the supermarket yesterday and want it back",
+    "my card arrived but the app still says it is being delivered, what should I do now",
+    "why is there an extra fee on my statement after I took cash out abroad last week",
+    "I cannot remember the pin for my new card and the app does not show it anywhere",
+]
+
+
+def _model(tiny_bert_path) -> SetFitStyleModel:
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
+    return SetFitStyleModel(encoder, LinearHead(encoder.dim, ["a", "b"]))
+
+
+def test_slices_are_sorted_by_length_and_pad_less_than_one_slice_per_side(tiny_bert_path):
+    encoder = _model(tiny_bert_path).body
+    texts = [SHORT[0], LONG[0], SHORT[1], LONG[1], SHORT[2], LONG[2], SHORT[3], LONG[3]]
+    chunks, order = encoder.tokenize_by_length(texts, num_chunks=2)
+    lengths = encoder.token_lengths(texts)
+    assert sorted(order.tolist()) == list(range(8))
+    assert [lengths[i] for i in order] == sorted(lengths)
+    # Each slice holds the texts in `order`, padded to its own longest.
+    rows = torch.cat([c["attention_mask"].sum(1) for c in chunks]).tolist()
+    assert rows == [lengths[i] for i in order]
+    assert [c["input_ids"].shape[1] for c in chunks] == [max(rows[:4]), max(rows[4:])]
+
+    padded_sorted = sum(c["input_ids"].numel() for c in chunks)
+    side_a, side_b = encoder.tokenize(texts[0::2]), encoder.tokenize(texts[1::2])
+    assert padded_sorted <= side_a["input_ids"].numel() + side_b["input_ids"].numel()
+    # Pairs of one short and one long text: one slice per side pads every short text to the longest.
+    mixed = encoder.tokenize(texts[:4]), encoder.tokenize(texts[4:])
+    assert padded_sorted < sum(m["input_ids"].numel() for m in mixed)
+
+
+def test_pair_loss_is_computed_in_pair_order(tiny_bert_path):
+    """The loss on sorted slices equals the loss on each side embedded separately (no dropout)."""
+    model = _model(tiny_bert_path).eval()
+    items = [
+        {"text1": s, "text2": t, "label": float(i % 2)}
+        for i, (s, t) in enumerate(zip(SHORT, LONG, strict=True))
+    ]
+    batch = PairCollator(model.body)(items)
+    loss_fn = CosineMSELoss()
+    loss, metrics = make_pair_loss_step(loss_fn)(model, batch)
+    with torch.no_grad():
+        a = model(model.body.tokenize(SHORT))
+        b = model(model.body.tokenize(LONG))
+    expected = loss_fn(a, b, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics["samples"] == 4
+    assert metrics["tokens"] == sum(model.body.token_lengths(SHORT + LONG))
+
+
+def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path):
+    model = _model(tiny_bert_path).eval()
+    items = [{"text1": s, "text2": t, "label": 1.0} for s, t in zip(SHORT, LONG, strict=True)]
+    items += [{"text1": s, "text2": t, "label": 0.0} for s, t in zip(SHORT, reversed(LONG), strict=True)]
+    batch = PairCollator(model.body)(items)
+    loss_fn = CosineMSELoss()
+
+    plain_loss, _ = make_pair_loss_step(loss_fn)(model, batch)
+    plain_loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    ctx = StepContext(
+        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, loss_is_finite=lambda t: True
+    )
+    cached_loss, _ = make_pair_loss_step(loss_fn, grad_cache_chunk_size=3)(model, batch, ctx)
+    torch.testing.assert_close(cached_loss, plain_loss.detach(), rtol=1e-5, atol=1e-6)
+    cached = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert cached.keys() == plain.keys() and len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
