@@ -61,9 +61,11 @@ def bench_ember(
     group_by_length: bool,
     out_dir: Path,
     processes: int = 1,
+    threads: int | None = None,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
-    (one torch thread each, gathered negatives) with the same *global* batch."""
+    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs
+    one process of ``train.py`` with that many torch threads."""
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
@@ -78,8 +80,13 @@ def bench_ember(
         f" mixed_precision: '{'bf16' if precision == 'bf16' else 'no'}', keep_checkpoints: 1}}\n"
         "export: {enabled: false}\n"
     )
-    if processes == 1:
+    if processes == 1 and threads is None:
+        fresh_accelerate_state()
         contrastive.run(load_config(str(cfg_path)))
+    elif processes == 1:
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg_path)]
+        subprocess.run(cmd, check=True, cwd=REPO, env=env)
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
         cmd += [str(processes), "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]
@@ -96,6 +103,13 @@ def bench_ember(
 
 
 LAST_EMBER_STATS: dict[str, float] = {}
+
+
+def fresh_accelerate_state() -> None:
+    """Forget the previous in-process run's accelerate state (it fixes mixed precision once per process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def matmul_peak(dtype, size: int = 2048, repeats: int = 10, budget_s: float = 3.0) -> float:
@@ -159,6 +173,7 @@ def bench_st(
 
     from ember_train.encoder.encoder import resolve_model_path
 
+    fresh_accelerate_state()
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.max_seq_length = max_length
     dataset = Dataset.from_list([{"anchor": p["query"], "positive": p["pos"]} for p in pairs])
@@ -195,17 +210,26 @@ def bench_st(
     return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def parse_variant(spec: str) -> tuple[str, str, bool, int]:
-    """``ember:fp32+grouped+2proc`` -> ("ember", "fp32", True, 2); ``st:bf16`` -> ("st", "bf16", False, 1)."""
+def parse_variant(spec: str) -> tuple[str, str, bool, int, int | None]:
+    """``ember:fp32+grouped+2proc`` -> ("ember", "fp32", True, 2, None); ``st:bf16`` -> ("st", "bf16", False, 1, None).
+
+    Extras (ember-train only): ``grouped`` (length-aware batching), ``2proc`` (two processes with
+    one thread each, gathered negatives), ``1thread`` (one process, one torch thread).
+    """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
-    if side not in ("ember", "st") or precision not in ("fp32", "bf16") or set(extras) - {"grouped", "2proc"}:
+    if (
+        side not in ("ember", "st")
+        or precision not in ("fp32", "bf16")
+        or set(extras) - {"grouped", "2proc", "1thread"}
+    ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
     if side == "st" and extras:
         raise SystemExit(
             "sentence-transformers runs with its defaults here (one process, no length grouping)"
         )
-    return side, precision, "grouped" in extras, 2 if "2proc" in extras else 1
+    processes = 2 if "2proc" in extras else 1
+    return side, precision, "grouped" in extras, processes, 1 if "1thread" in extras else None
 
 
 def main() -> None:
@@ -255,7 +279,7 @@ def main() -> None:
             for r in range(args.repeats):
                 # Alternate the order, so a trend in machine load does not favour one side.
                 for v in variants if r % 2 == 0 else variants[::-1]:
-                    side, precision, grouped, processes = parsed[v]
+                    side, precision, grouped, processes, threads = parsed[v]
                     out = tmp / f"{batch_size}_{r}_{v.replace(':', '_').replace('+', '_')}"
                     if side == "ember":
                         speed[v].append(
@@ -269,6 +293,7 @@ def main() -> None:
                                 grouped,
                                 out,
                                 processes,
+                                threads,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))
@@ -293,7 +318,8 @@ def main() -> None:
                 f"\nbatch {batch_size}; matmul peaks (best of start/end): fp32 {fp32_peak / 1e9:.1f} GFLOP/s, "
                 f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s"
             )
-            st_variants = [v for v in variants if parsed[v][0] == "st"]
+            # Ratios against each sentence-transformers run, or against the first variant if none ran.
+            st_variants = [v for v in variants if parsed[v][0] == "st"] or variants[:1]
             header = "| variant | samples/s (mean) | " + " | ".join(
                 f"ratio vs {s} (min-max)" for s in st_variants
             )

@@ -91,3 +91,13 @@ def two_process_launch(script: str | Path, *args: object) -> tuple[list[str], di
         *map(str, args),
     ]
     return cmd, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes mixed precision once per process; reset its state before and after a test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

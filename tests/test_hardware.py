@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from accelerate.state import AcceleratorState
+
 from ember_train.config.schema import TrainConfig
 from ember_train.training import hardware
 from ember_train.training.loop import build_accelerator
@@ -37,7 +39,9 @@ def test_warning_only_where_precision_would_be_slow() -> None:
     assert "fp16" in hardware.cpu_precision_warning("fp16", SAPPHIRE_RAPIDS, "x86_64")
 
 
-def test_build_accelerator_warns_for_bf16_on_cpu_without_it(tmp_path, monkeypatch, caplog) -> None:
+def test_build_accelerator_warns_for_bf16_on_cpu_without_it(
+    tmp_path, monkeypatch, caplog, fresh_accelerate_state
+) -> None:
     avx2_flags = hardware.cpu_flags(AVX2_ONLY)
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: avx2_flags)
     monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
@@ -46,6 +50,7 @@ def test_build_accelerator_warns_for_bf16_on_cpu_without_it(tmp_path, monkeypatc
     assert any("without native bf16" in r.getMessage() for r in caplog.records)
 
     caplog.clear()
+    AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: {"avx512_bf16"})
     with caplog.at_level(logging.WARNING):
         build_accelerator(TrainConfig(mixed_precision="bf16"), tmp_path, seed=0)
