@@ -72,3 +72,6 @@ if rank == 0:
     torch.save({"loss": losses.mean().item(), "grads": grads, "sharding": everyone}, out_path)
 accelerator.wait_for_everyone()
 print(json.dumps({"rank": rank, "loss": loss.item()}))
+# Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort
+# a rank ("terminate called without an active exception") after all the work is done.
+accelerator.end_training()
