@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from reliability.tiny_loop import TinyModel, run_tiny
 from safetensors.torch import load_file
 
@@ -119,18 +118,16 @@ def test_nan_gradient_with_a_finite_loss_is_skipped_then_stops(tmp_path, caplog)
 
 
 @pytest.fixture
-def fp16_accelerator_on_cpu():
+def fp16_accelerator_on_cpu(fresh_accelerate_state):
     """accelerate's fp16 path (GradScaler, unscale before clipping, skipped steps) on a CPU.
 
     accelerate enables the scaler on GPUs only; a CPU GradScaler with fp16 autocast exercises the
     same calls in the loop. accelerate's process-wide state is reset before and after.
     """
-    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     accelerator.native_amp = True
-    yield accelerator
-    AcceleratorState._reset_state(reset_partial_state=True)
+    return accelerator
 
 
 def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, caplog, fp16_accelerator_on_cpu):

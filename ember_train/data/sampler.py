@@ -30,7 +30,8 @@ class ShardedBatchSampler:
         dedup_keys: per example, the texts that must not repeat inside a global batch (e.g. the
             query and the positive). An example whose text is already in the batch is deferred to
             a later batch, never dropped.
-        lengths: per example, a length (tokens or characters). When given, examples are sorted by
+        lengths: per example, a length or any integer sort key (the contrastive pipeline combines
+            document and query tokens). When given, examples are sorted by
             length inside large random buckets (``bucket_batches`` global batches each), so a
             batch pads little while the order stays random at the bucket level.
         drop_last: drop a final global batch smaller than ``batch_size × world_size``. Otherwise it

@@ -182,16 +182,20 @@ class Encoder(nn.Module):
 
         Returns the slices and ``order``: the rows of the slices, concatenated, are
         ``texts[order]``. A batch mixing short and long texts pads far less this way, and among
-        splits into equal slices the length-sorted one pads least.
+        splits into equal slices the length-sorted one pads least. Tokenizes once: each slice is
+        the batch's rows with the columns beyond its longest text cut off.
         """
-        lengths = self.token_lengths(texts, kind)
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        features = self.tokenize(texts, kind)
+        lengths = features["attention_mask"].sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
         size = math.ceil(len(texts) / max(num_chunks, 1))
-        chunks = [
-            self.tokenize([texts[i] for i in order[start : start + size]], kind)
-            for start in range(0, len(order), size)
-        ]
-        return chunks, torch.tensor(order)
+        left = self.tokenizer.padding_side == "left"
+        chunks = []
+        for rows in order.split(size):
+            width = int(lengths[rows].max())
+            columns = slice(-width, None) if left else slice(0, width)
+            chunks.append({k: v[rows][:, columns] for k, v in features.items()})
+        return chunks, order
 
     def token_lengths(
         self, texts: Sequence[str], kind: TextKind | None = None, chunk_size: int = 4096
