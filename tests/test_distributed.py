@@ -1,5 +1,6 @@
 """Two real processes (gloo, CPU) launched with accelerate: gathered negatives and sharding."""
 
+import json
 import os
 import subprocess
 
@@ -80,7 +81,11 @@ def test_two_process_training_with_gradient_checkpointing_and_gathered_negatives
         "train: {batch_size: 4, epochs: 2, gradient_checkpointing: true, log_every: 1, gradient_accumulation_steps: 2}\n"
     )
     done = _launch(os.path.join(repo, "train.py"), "--config", cfg)
-    results = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     # 40 examples / (4 per process x 2 processes) = 5 batches per epoch -> 3 optimizer steps (2+2+1) x 2 epochs
     assert results["steps"] == 6, done.stdout[-2000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # One schedule step per optimizer step (accelerate would step it once per process).
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs == pytest.approx([2e-5 * (6 - step) / 6 for step in range(1, 7)], rel=1e-9)

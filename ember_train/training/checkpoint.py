@@ -238,10 +238,31 @@ def _check_rng_restored(path: Path, process_index: int) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load the model weights of a checkpoint (accelerate's ``model.safetensors``) into ``model``."""
+    """Load the model weights of a checkpoint into ``model``.
+
+    accelerate writes ``model.safetensors``; under DeepSpeed the checkpoint holds DeepSpeed's
+    (ZeRO-partitioned, pickled) files instead, which DeepSpeed's own converter merges: only
+    load those from a run you trust.
+    """
     from safetensors.torch import load_file
 
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no model.safetensors (is it an ember-train checkpoint?)")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    checkpoint = Path(checkpoint)
+    path = checkpoint / "model.safetensors"
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return
+    if (checkpoint / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        buffers = {name for name, _ in model.named_buffers()}
+        if unexpected or set(missing) - buffers:  # DeepSpeed saves parameters, not buffers
+            raise ValueError(
+                f"{checkpoint}: DeepSpeed checkpoint does not match the model "
+                f"(missing {sorted(set(missing) - buffers)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
+        return
+    raise FileNotFoundError(
+        f"{checkpoint} has neither model.safetensors nor a DeepSpeed checkpoint (is it an ember-train checkpoint?)"
+    )

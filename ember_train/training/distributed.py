@@ -62,13 +62,22 @@ def global_count(local_count: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def multi_process_cpu() -> bool:
-    """True when launched with several processes on a machine without CUDA.
+def cpu_process_group_kwargs() -> dict:
+    """Arguments for ``Accelerator`` so that several processes on a machine without CUDA form a
+    gloo process group; empty when there is one process or a GPU.
 
-    accelerate only picks its gloo (MULTI_CPU) backend when asked for the CPU explicitly, and
-    ``accelerate launch --cpu`` starts a single process; so ``--multi_gpu --num_processes N`` on
-    a CPU machine needs ``Accelerator(cpu=True)``, which this tells the training code to pass.
+    accelerate only picks gloo (MULTI_CPU) when asked for the CPU explicitly, and
+    ``accelerate launch --cpu`` starts a single process; so ``--multi_gpu --num_processes N`` on a
+    CPU machine needs ``cpu=True``. Under DeepSpeed, ``cpu=True`` would silently turn DeepSpeed off
+    (accelerate then trains plain DDP), so the backend is named instead and DeepSpeed's CPU
+    accelerator runs on gloo.
     """
     import os
 
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}

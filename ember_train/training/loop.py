@@ -10,21 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
-from ember_train.training.distributed import multi_process_cpu
+from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning
 from ember_train.training.logging import MetricsLogger
@@ -47,7 +47,8 @@ def build_accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
         project_dir=str(output_dir),
-        cpu=multi_process_cpu(),
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step
+        **cpu_process_group_kwargs(),
     )
     if (
         accelerator.is_main_process
@@ -55,6 +56,13 @@ def build_accelerator(
         and (warning := cpu_precision_warning(cfg.mixed_precision))
     ):
         logger.warning(warning)
+    if accelerator.state.deepspeed_plugin is not None:
+        # With a ZeRO-3 config registered, transformers builds models already sharded (zero.Init)
+        # and saves them through ZeRO gathers. Pipelines build models whole on every process (the
+        # evaluation before training runs on one) and prepare() shards them; so unregister it.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
@@ -120,13 +128,23 @@ def train_loop(
 
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:
-        # The loader is not passed to prepare(), so DeepSpeed cannot infer its batch size.
+        # The loader is not passed to prepare(), so DeepSpeed cannot infer its batch size; and the
+        # engine clips inside its own step, so it must be told the configured norm.
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = max(cfg.max_grad_norm, 0.0)
+        _fill_zero_bucket_sizes(deepspeed.deepspeed_config, model)
         if accum > 1:
+            # A skipped (non-finite) micro-batch cannot be taken back out of DeepSpeed's buffers.
             raise ValueError("with DeepSpeed, use gradient_accumulation_steps: 1 (or a larger batch_size)")
     optimizer = build_optimizer(model, cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
+
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, schedule(optimizer))
+    # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
+    # the prepared optimizer, inside the wrapper accelerate registered for checkpoints.
+    scheduler.scheduler = schedule(optimizer)
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
@@ -172,7 +190,7 @@ def train_loop(
             if backward_in_step:  # e.g. the gradient cache, which runs several backward passes
                 ctx = StepContext(
                     backward=lambda t: accelerator.backward(t / accum),
-                    no_sync=lambda: accelerator.no_sync(model),
+                    no_sync=lambda: _no_sync(accelerator, model),
                     sync=sync,
                     loss_is_finite=lambda t: _all_finite(accelerator, t),
                 )
@@ -180,7 +198,7 @@ def train_loop(
                     loss, step_metrics = loss_step(model, batch, ctx)
                 finite = _all_finite(accelerator, loss.detach())
             else:
-                with accelerator.no_sync(model) if not sync else nullcontext():
+                with _no_sync(accelerator, model) if not sync else nullcontext():
                     with accelerator.autocast():
                         loss, step_metrics = loss_step(model, batch)
                     finite = _all_finite(accelerator, loss.detach())
@@ -250,6 +268,8 @@ def train_loop(
     progress.close()
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+    if _is_zero3(accelerator):
+        _unshard_zero3(accelerator, model)
     return {
         "step": state.step,
         "epoch": state.epoch,
@@ -276,16 +296,83 @@ def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     return float(norm)
 
 
+def _no_sync(accelerator: Accelerator, model: nn.Module) -> Any:
+    """Accumulate this backward's gradients without ending the optimizer step.
+
+    DDP: skip the all-reduce. DeepSpeed: its engine steps the optimizer inside every backward
+    that accelerate marks as syncing, so mark this one as not (several backward passes of the
+    gradient cache make one step).
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _deepspeed_accumulating(accelerator)
+    return accelerator.no_sync(model)
+
+
+@contextmanager
+def _deepspeed_accumulating(accelerator: Accelerator) -> Iterator[None]:
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
+def _fill_zero_bucket_sizes(ds_config: dict, model: nn.Module) -> None:
+    """Resolve ZeRO's ``auto`` bucket sizes from the backbone's hidden size.
+
+    accelerate does this from ``model.config``, which a pipeline's model (an encoder, or an
+    encoder with a decoder or head) does not have; the values are accelerate's own rules.
+    """
+    hidden = next(
+        (m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")),
+        None,
+    )
+    zero = ds_config.get("zero_optimization", {})
+    rules = {
+        "reduce_bucket_size": lambda h: h * h,
+        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    for key, rule in rules.items():
+        if zero.get(key) == "auto" and hidden is not None:
+            zero[key] = rule(int(hidden))
+
+
+def _is_zero3(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def _unshard_zero3(accelerator: Accelerator, model: nn.Module) -> None:
+    """Give every process the whole trained model back, as a plain module.
+
+    ZeRO-3 leaves each process 1/N of every parameter and gathers them in forward hooks that
+    all processes must enter together; evaluation, head fitting and export run on the main
+    process alone, so the parameters are gathered once here and the hooks removed.
+    """
+    import deepspeed
+
+    module = accelerator.unwrap_model(model)
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        whole = [p.data.clone() for p in params]
+    model.destroy()  # removes ZeRO-3's gather hooks
+    for param, data in zip(params, whole, strict=True):
+        param.data = data
+
+
 def _run_eval(
     accelerator: Accelerator,
     evaluate: Callable[[], dict[str, float]],
     metrics_logger: MetricsLogger,
     step: int,
 ) -> None:
-    if accelerator.is_main_process:
+    # ZeRO-3: every forward gathers sharded parameters from all processes, so all of them evaluate.
+    if accelerator.is_main_process or _is_zero3(accelerator):
         results = evaluate()
-        metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
-        accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        if accelerator.is_main_process:
+            metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
+            accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
     accelerator.wait_for_everyone()
 
 

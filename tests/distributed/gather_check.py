@@ -16,12 +16,12 @@ from accelerate import Accelerator
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
-from ember_train.training.distributed import multi_process_cpu
+from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 chunk = int(sys.argv[5])  # > 0: through the gradient cache
-accelerator = Accelerator(cpu=multi_process_cpu())
+accelerator = Accelerator(**cpu_process_group_kwargs())
 rank, world = accelerator.process_index, accelerator.num_processes
 assert world == 2, f"expected 2 processes, got {world}"
 
