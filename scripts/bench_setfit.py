@@ -44,7 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the per-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ember_train.config import from_dict  # noqa: E402
+from ember_train.config import apply_overrides, from_dict, to_dict  # noqa: E402
 from ember_train.data.labelled import LabelledTexts, sample_per_label  # noqa: E402
 from ember_train.encoder import Encoder  # noqa: E402
 from ember_train.encoder.heads import fit_logistic_regression  # noqa: E402
@@ -159,6 +159,8 @@ def run_ember(
                 "export": {"enabled": False},
             },
         )
+        if args.ember_set:  # e.g. pairs.include_self_pairs=true, for a comparison on --validation
+            cfg = from_dict(SetFitConfig, apply_overrides(to_dict(cfg), args.ember_set))
         start = time.perf_counter()
         results = run_setfit_pipeline(cfg)
         seconds = time.perf_counter() - start
@@ -306,6 +308,16 @@ def main() -> int:
     parser.add_argument(
         "--max-test", type=int, default=1000, help="seeded random test subsample (same for all)"
     )
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="hold out this many train texts (fixed seed) and evaluate on them instead of the test "
+        "split: for choosing settings without looking at the test set",
+    )
+    parser.add_argument(
+        "--ember-set", action="append", default=[], help="override of (b)'s config, KEY=VALUE (repeatable)"
+    )
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path)
@@ -355,6 +367,11 @@ def main() -> int:
         "datasets": {},
     }
     for name, (train_all, test_all) in datasets.items():
+        if args.validation:
+            held_out = set(random.Random(12345).sample(range(len(train_all)), args.validation))
+            test_all = train_all.subset(sorted(held_out))
+            train_all = train_all.subset([i for i in range(len(train_all)) if i not in held_out])
+            name = f"{name}, validation (held-out train)"
         test = subsample(test_all, args.max_test)
         labels = sorted(set(train_all.labels))
         test = test.subset([i for i, y in enumerate(test.labels) if y in set(labels)])

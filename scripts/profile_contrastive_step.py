@@ -1,0 +1,120 @@
+"""Where a contrastive training step spends its CPU time: the torch profiler over real steps.
+
+    python scripts/profile_contrastive_step.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+        --batch-size 32 --steps 12 --warmup-steps 2
+
+Builds the step from the pipeline's own pieces (encoder, length-grouped sharded sampler, collator,
+InfoNCE loss step, fused AdamW from the training loop) on the packaged all-MiniLM-L6-v2, fp32,
+profiles ``--steps`` optimizer steps after ``--warmup-steps`` untimed ones, and prints the share of
+self CPU time per group of operators (matmuls, dropout, element-wise, optimizer, ...) and the top
+operators. This explains the model FLOP utilisation that ``bench_contrastive.py`` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_contrastive import MODEL, REPO, load_debian_pairs  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+GROUPS = {
+    "matmul (mm, addmm, bmm)": {"aten::mm", "aten::addmm", "aten::bmm"},
+    "dropout (random masks, masking)": {"aten::bernoulli_", "aten::mul", "aten::div_"},
+    "GELU, softmax, LayerNorm (fwd+bwd)": {
+        "aten::gelu",
+        "aten::gelu_backward",
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+    },
+    "optimizer (fused AdamW)": {"aten::_fused_adamw_"},
+    "copies, fills, sums, adds": {"aten::copy_", "aten::fill_", "aten::sum", "aten::add", "aten::add_"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=15, help="top operators to print")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ember_train.config import load_config
+    from ember_train.data.pairs import load_pairs
+    from ember_train.encoder import Encoder
+    from ember_train.losses.infonce import InfoNCELoss
+    from ember_train.pipelines.contrastive import make_dataloader, make_loss_step
+    from ember_train.training.loop import build_optimizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    total = args.batch_size * (args.steps + args.warmup_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_file = Path(tmp) / "pairs.jsonl"
+        pairs_file.write_text(
+            "".join(json.dumps(p) + "\n" for p in load_debian_pairs(args.pairs, total, seed=0))
+        )
+        cfg_path = Path(tmp) / "profile.yaml"
+        cfg_path.write_text(
+            f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
+            f"model: {{name_or_path: '{MODEL}', max_seq_length: {args.max_seq_length}, normalize: true}}\n"
+            f"data: {{train: '{pairs_file}', group_by_length: true}}\n"
+            f"train: {{batch_size: {args.batch_size}}}\n"
+        )
+        cfg = load_config(str(cfg_path))
+        encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+        examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
+        batches = list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0))
+
+    optimizer = build_optimizer(encoder, cfg.train)
+    loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
+    encoder.train()
+
+    def step(batch: dict) -> None:
+        loss, _ = loss_step(encoder, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches[: args.warmup_steps]:
+        step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[args.warmup_steps :]:
+            step(batch)
+
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    shares: dict[str, float] = defaultdict(float)
+    for event in events:
+        group = next((g for g, names in GROUPS.items() if event.key in names), "other")
+        shares[group] += event.self_cpu_time_total / total_us
+    print(
+        f"{len(batches) - args.warmup_steps} steps of batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
+    print("| operators | share of self CPU time |\n|---|---:|")
+    for group, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"| {group} | {100 * share:.1f}% |")
+    print()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
