@@ -268,8 +268,8 @@ def train_loop(
     progress.close()
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
-    if _is_zero3(accelerator):
-        _unshard_zero3(accelerator, model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _take_back_from_deepspeed(accelerator, model)
     return {
         "step": state.step,
         "epoch": state.epoch,
@@ -289,6 +289,11 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
 
 def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
     """Clip (if asked) and return the global gradient norm, identical on every process."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The engine already clipped and stepped inside backward (its gradients live in ZeRO's
+        # buffers, not in .grad); report the norm it computed. None only before its first step.
+        norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -343,20 +348,28 @@ def _is_zero3(accelerator: Accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def _unshard_zero3(accelerator: Accelerator, model: nn.Module) -> None:
-    """Give every process the whole trained model back, as a plain module.
+def _take_back_from_deepspeed(accelerator: Accelerator, model: nn.Module) -> None:
+    """Give every process the whole trained model back, in fp32, as a plain module.
 
-    ZeRO-3 leaves each process 1/N of every parameter and gathers them in forward hooks that
-    all processes must enter together; evaluation, head fitting and export run on the main
-    process alone, so the parameters are gathered once here and the hooks removed.
+    DeepSpeed keeps the optimizer's fp32 master weights apart from the module, which under bf16 or
+    fp16 holds rounded copies; ZeRO-3 also leaves each process 1/N of every parameter, gathered in
+    forward hooks that all processes must enter together. Evaluation, head fitting and export run on
+    the main process alone and must see what was trained: the master weights, whole.
     """
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    module = accelerator.unwrap_model(model)
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        whole = [p.data.clone() for p in params]
-    model.destroy()  # removes ZeRO-3's gather hooks
+    zero3 = _is_zero3(accelerator)
+    params = list(accelerator.unwrap_model(model).parameters())
+    whole = []
+    for param in params:  # collective under ZeRO-3: every process walks the same parameters
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if master is None:  # frozen: no optimizer copy
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                master = param.data.clone()
+        whole.append(master.detach().float().to(param.device))
+    if zero3:
+        model.destroy()  # removes ZeRO-3's gather hooks
     for param, data in zip(params, whole, strict=True):
         param.data = data
 
