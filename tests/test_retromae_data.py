@@ -61,6 +61,16 @@ def test_bad_rows_name_file_row_and_field(tmp_path):
     assert "skipped 3 bad rows" in stats.summary()
 
 
+def test_unparsable_json_lines_are_skipped_with_on_bad_rows_skip(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b'{"text": "first"}\n{"text": "cut off\n\xff\xfe\n{"text": "last"}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl: row 2"):
+        list(iter_texts(str(path)))
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), on_bad_rows="skip", stats=stats)) == ["first", "last"]
+    assert stats.bad_rows.total == 2
+
+
 def test_plain_text_invalid_utf8_and_nul_name_the_line(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good line\nbad \xff byte\nnul \x00 here\nlast\n")

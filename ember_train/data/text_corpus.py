@@ -116,6 +116,10 @@ def iter_texts(
     download); local files are never loaded whole.
     """
     stats = stats if stats is not None else CorpusStats()
+
+    def on_error(error: DataError) -> None:  # an unparsable line: raise, or count and skip
+        handle_bad_row(error, on_bad_rows, stats.bad_rows)
+
     path = Path(source)
     if path.is_dir() and any(_is_plain_text(p) for p in path.iterdir() if p.is_file()):
         for file in sorted(p for p in path.iterdir() if p.is_file() and _is_plain_text(p)):
@@ -125,7 +129,9 @@ def iter_texts(
             p for p in path.iterdir() if p.is_file() and not _is_plain_text(p) and not p.name.startswith(".")
         ]
         for file in sorted(others):
-            yield from _iter_field(iter_records(file), str(file), text_field, stats, on_bad_rows)
+            yield from _iter_field(
+                iter_records(file, on_error=on_error), str(file), text_field, stats, on_bad_rows
+            )
         return
     if path.is_file() and _is_plain_text(path):
         yield from _iter_plain_text(path, stats, on_bad_rows)
@@ -134,7 +140,7 @@ def iter_texts(
     records = (
         _iter_hub_streaming(source, split)
         if streaming and not is_local
-        else iter_records(source, split=split)
+        else iter_records(source, split=split, on_error=on_error)
     )
     yield from _iter_field(records, str(source), text_field, stats, on_bad_rows)
 
