@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
+from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext
@@ -57,12 +58,7 @@ def build_accelerator(
     ):
         logger.warning(warning)
     if accelerator.state.deepspeed_plugin is not None:
-        # With a ZeRO-3 config registered, transformers builds models already sharded (zero.Init)
-        # and saves them through ZeRO gathers. Pipelines build models whole on every process (the
-        # evaluation before training runs on one) and prepare() shards them; so unregister it.
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
+        zero.keep_transformers_out()
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
@@ -126,16 +122,8 @@ def train_loop(
     steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
 
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed is not None:
-        # The loader is not passed to prepare(), so DeepSpeed cannot infer its batch size; and the
-        # engine clips inside its own step, so it must be told the configured norm.
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        deepspeed.deepspeed_config["gradient_clipping"] = max(cfg.max_grad_norm, 0.0)
-        _fill_zero_bucket_sizes(deepspeed.deepspeed_config, model)
-        if accum > 1:
-            # A skipped (non-finite) micro-batch cannot be taken back out of DeepSpeed's buffers.
-            raise ValueError("with DeepSpeed, use gradient_accumulation_steps: 1 (or a larger batch_size)")
+    if accelerator.state.deepspeed_plugin is not None:
+        zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
     optimizer = build_optimizer(model, cfg)
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
@@ -190,7 +178,7 @@ def train_loop(
             if backward_in_step:  # e.g. the gradient cache, which runs several backward passes
                 ctx = StepContext(
                     backward=lambda t: accelerator.backward(t / accum),
-                    no_sync=lambda: _no_sync(accelerator, model),
+                    no_sync=lambda: zero.no_sync(accelerator, model),
                     sync=sync,
                     loss_is_finite=lambda t: _all_finite(accelerator, t),
                 )
@@ -198,7 +186,7 @@ def train_loop(
                     loss, step_metrics = loss_step(model, batch, ctx)
                 finite = _all_finite(accelerator, loss.detach())
             else:
-                with _no_sync(accelerator, model) if not sync else nullcontext():
+                with zero.no_sync(accelerator, model) if not sync else nullcontext():
                     with accelerator.autocast():
                         loss, step_metrics = loss_step(model, batch)
                     finite = _all_finite(accelerator, loss.detach())
@@ -269,7 +257,7 @@ def train_loop(
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        _take_back_from_deepspeed(accelerator, model)
+        zero.take_back_trained_model(accelerator, model)
     return {
         "step": state.step,
         "epoch": state.epoch,
@@ -290,88 +278,12 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
 def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
     """Clip (if asked) and return the global gradient norm, identical on every process."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # The engine already clipped and stepped inside backward (its gradients live in ZeRO's
-        # buffers, not in .grad); report the norm it computed. None only before its first step.
-        norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return zero.grad_norm(accelerator)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
     norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return float(norm)
-
-
-def _no_sync(accelerator: Accelerator, model: nn.Module) -> Any:
-    """Accumulate this backward's gradients without ending the optimizer step.
-
-    DDP: skip the all-reduce. DeepSpeed: its engine steps the optimizer inside every backward
-    that accelerate marks as syncing, so mark this one as not (several backward passes of the
-    gradient cache make one step).
-    """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return _deepspeed_accumulating(accelerator)
-    return accelerator.no_sync(model)
-
-
-@contextmanager
-def _deepspeed_accumulating(accelerator: Accelerator) -> Iterator[None]:
-    accelerator.gradient_state._set_sync_gradients(False)
-    try:
-        yield
-    finally:
-        accelerator.gradient_state._set_sync_gradients(True)
-
-
-def _fill_zero_bucket_sizes(ds_config: dict, model: nn.Module) -> None:
-    """Resolve ZeRO's ``auto`` bucket sizes from the backbone's hidden size.
-
-    accelerate does this from ``model.config``, which a pipeline's model (an encoder, or an
-    encoder with a decoder or head) does not have; the values are accelerate's own rules.
-    """
-    hidden = next(
-        (m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")),
-        None,
-    )
-    zero = ds_config.get("zero_optimization", {})
-    rules = {
-        "reduce_bucket_size": lambda h: h * h,
-        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-        "stage3_param_persistence_threshold": lambda h: 10 * h,
-    }
-    for key, rule in rules.items():
-        if zero.get(key) == "auto" and hidden is not None:
-            zero[key] = rule(int(hidden))
-
-
-def _is_zero3(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def _take_back_from_deepspeed(accelerator: Accelerator, model: nn.Module) -> None:
-    """Give every process the whole trained model back, in fp32, as a plain module.
-
-    DeepSpeed keeps the optimizer's fp32 master weights apart from the module, which under bf16 or
-    fp16 holds rounded copies; ZeRO-3 also leaves each process 1/N of every parameter, gathered in
-    forward hooks that all processes must enter together. Evaluation, head fitting and export run on
-    the main process alone and must see what was trained: the master weights, whole.
-    """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    zero3 = _is_zero3(accelerator)
-    params = list(accelerator.unwrap_model(model).parameters())
-    whole = []
-    for param in params:  # collective under ZeRO-3: every process walks the same parameters
-        master = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if master is None:  # frozen: no optimizer copy
-            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
-                master = param.data.clone()
-        whole.append(master.detach().float().to(param.device))
-    if zero3:
-        model.destroy()  # removes ZeRO-3's gather hooks
-    for param, data in zip(params, whole, strict=True):
-        param.data = data
 
 
 def _run_eval(
@@ -381,7 +293,7 @@ def _run_eval(
     step: int,
 ) -> None:
     # ZeRO-3: every forward gathers sharded parameters from all processes, so all of them evaluate.
-    if accelerator.is_main_process or _is_zero3(accelerator):
+    if accelerator.is_main_process or zero.is_zero3(accelerator):
         results = evaluate()
         if accelerator.is_main_process:
             metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
