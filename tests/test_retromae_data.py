@@ -61,24 +61,34 @@ def test_bad_rows_name_file_row_and_field(tmp_path):
     assert "skipped 3 bad rows" in stats.summary()
 
 
-def test_unparsable_json_lines_are_skipped_with_on_bad_rows_skip(tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_bytes(b'{"text": "first"}\n{"text": "cut off\n\xff\xfe\n{"text": "last"}\n')
-    with pytest.raises(DataError, match=r"broken.jsonl: row 2"):
+@pytest.mark.parametrize(
+    "name,content,error,kept,bad",
+    [
+        # unparsable JSON lines (a cut-off record, invalid UTF-8) are bad rows too
+        (
+            "broken.jsonl",
+            b'{"text": "first"}\n{"text": "cut off\n\xff\xfe\n{"text": "last"}\n',
+            r"broken.jsonl: row 2",
+            ["first", "last"],
+            {"invalid JSON": 1, "invalid UTF-8": 1},
+        ),
+        (
+            "bad.txt",
+            b"good line\nbad \xff byte\nnul \x00 here\nlast\n",
+            r"bad.txt: row 2: invalid UTF-8",
+            ["good line", "last"],
+            {"invalid UTF-8": 1, "NUL byte": 1},
+        ),
+    ],
+)
+def test_bad_lines_name_the_line_or_are_skipped(tmp_path, name, content, error, kept, bad):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=error):
         list(iter_texts(str(path)))
     stats = CorpusStats()
-    assert list(iter_texts(str(path), on_bad_rows="skip", stats=stats)) == ["first", "last"]
-    assert stats.bad_rows.total == 2
-
-
-def test_plain_text_invalid_utf8_and_nul_name_the_line(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(b"good line\nbad \xff byte\nnul \x00 here\nlast\n")
-    with pytest.raises(DataError, match=r"bad.txt: row 2: invalid UTF-8"):
-        list(iter_texts(str(path)))
-    stats = CorpusStats()
-    assert list(iter_texts(str(path), on_bad_rows="skip", stats=stats)) == ["good line", "last"]
-    assert stats.bad_rows.counts == {"invalid UTF-8": 1, "NUL byte": 1}
+    assert list(iter_texts(str(path), on_bad_rows="skip", stats=stats)) == kept
+    assert stats.bad_rows.counts == bad
 
 
 def test_missing_file_is_a_data_error(tmp_path):
