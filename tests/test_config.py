@@ -95,3 +95,24 @@ def test_every_shipped_config_validates():
     assert configs
     for path in configs:
         load_config(str(path))
+
+
+def test_saving_over_another_runs_config_warns_with_the_changes(tmp_path, caplog):
+    from ember_train.config import save_config
+
+    def cfg(**train):
+        (tmp_path / "in.yaml").write_text(
+            f"task: contrastive\noutput_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: m}}\n"
+            f"data: {{train: pairs.jsonl}}\ntrain: {train}\n".replace("'", "")
+        )
+        return load_config(str(tmp_path / "in.yaml"))
+
+    target = tmp_path / "run" / "config.yaml"
+    with caplog.at_level("WARNING", logger="ember_train.config.parse"):
+        save_config(cfg(learning_rate=2e-5), target)
+        save_config(cfg(learning_rate=2e-5, resume="none"), target)  # same experiment
+        assert not caplog.records
+        save_config(cfg(learning_rate=5e-5), target)
+    assert len(caplog.records) == 1
+    assert "train.learning_rate: 2e-05 -> 5e-05" in caplog.records[0].getMessage()
+    assert "train.resume: 'none' ->" not in caplog.records[0].getMessage()
