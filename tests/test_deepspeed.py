@@ -96,6 +96,9 @@ def runs(tmp_path_factory, tiny_bert_path):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_zero_trains_like_ddp(runs, zero_stage):
     ddp, zero = runs(None), runs(zero_stage)
+    # DeepSpeed really ran (its checkpoint format), rather than accelerate quietly falling back to DDP.
+    assert (zero / "checkpoints" / "step_0000010" / "latest").is_file()
+    assert not (zero / "checkpoints" / "step_0000010" / "model.safetensors").exists()
     _assert_same_weights(_weights(ddp / "final"), _weights(zero / "final"))
     ddp_log, zero_log = _losses_and_lrs(ddp), _losses_and_lrs(zero)
     assert len(ddp_log) == len(zero_log) == 10
