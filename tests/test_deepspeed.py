@@ -39,7 +39,7 @@ def _config(tmp: Path, name: str, model: Path, **train: object) -> Path:
     return path
 
 
-def _train(config: Path, zero_stage: int | None, *overrides: str) -> None:
+def _launch(config: Path, zero_stage: int | None, *overrides: str) -> subprocess.CompletedProcess:
     cmd, env = two_process_launch(REPO / "train.py", "--config", config, *overrides)
     if zero_stage is not None:  # same launch, DeepSpeed instead of DDP
         at = cmd.index("--multi_gpu")
@@ -48,7 +48,11 @@ def _train(config: Path, zero_stage: int | None, *overrides: str) -> None:
             "--deepspeed_config_file",
             str(REPO / "configs" / "deepspeed" / f"zero{zero_stage}.json"),
         ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _train(config: Path, zero_stage: int | None, *overrides: str) -> None:
+    done = _launch(config, zero_stage, *overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -199,3 +203,18 @@ def test_zero3_setfit_with_evaluation_during_training(tmp_path, tiny_bert_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["eval_after_classification"]["metrics"]["accuracy"] <= 100.0
     assert (tmp_path / "run" / "final" / "head").is_dir()
+
+
+def test_setfit_end_to_end_head_is_refused_under_deepspeed(tmp_path, tiny_bert_path):
+    """A second training phase would step the first phase's engine: refused before any work."""
+    config = tmp_path / "setfit_e2e.yaml"
+    config.write_text(
+        f"task: setfit\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 24}}\n"
+        f"data: {{train: {REPO}/tests/fixtures/setfit/train.jsonl}}\n"
+        "head: {type: linear, end_to_end: true}\ntrain: {batch_size: 8}\n"
+    )
+    done = _launch(config, 2)
+    assert done.returncode != 0
+    assert "head.end_to_end is not supported under DeepSpeed" in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.labelled import (
     LabelledTexts,
     ScoredPairs,
@@ -46,6 +46,7 @@ from ember_train.evaluation.sts import STSEvaluator
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.cosine import build_pair_loss
 from ember_train.setfit_model import SetFitStyleModel
+from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_model_weights, save_checkpoint
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.loop import build_accelerator, train_loop
@@ -377,6 +378,12 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     """Tune, fit the head, evaluate and export; returns what is written to ``<output_dir>/results.json``."""
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
+    if cfg.head.end_to_end and zero.active(accelerator):
+        # accelerate ties one DeepSpeed engine to an Accelerator (one per process): a second
+        # training phase would step the first phase's engine. Refuse before any work is done.
+        raise ConfigError(
+            "head.end_to_end is not supported under DeepSpeed (one training phase per run); use DDP"
+        )
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
     data = cfg.data

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -57,7 +57,7 @@ def build_accelerator(
         and (warning := cpu_precision_warning(cfg.mixed_precision))
     ):
         logger.warning(warning)
-    if accelerator.state.deepspeed_plugin is not None:
+    if zero.active(accelerator):
         zero.keep_transformers_out()
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
@@ -122,7 +122,7 @@ def train_loop(
     steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
 
-    if accelerator.state.deepspeed_plugin is not None:
+    if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
     optimizer = build_optimizer(model, cfg)
 
@@ -256,7 +256,7 @@ def train_loop(
     progress.close()
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if zero.active(accelerator):
         zero.take_back_trained_model(accelerator, model)
     return {
         "step": state.step,
@@ -277,7 +277,7 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
 
 def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
     """Clip (if asked) and return the global gradient norm, identical on every process."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if zero.active(accelerator):
         return zero.grad_norm(accelerator)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:

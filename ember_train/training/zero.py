@@ -18,6 +18,11 @@ from torch import nn
 from ember_train.config.schema import TrainConfig
 
 
+def active(accelerator: Accelerator) -> bool:
+    """True when this run trains through a DeepSpeed engine."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def keep_transformers_out() -> None:
     """Unregister accelerate's ZeRO config from transformers.
 
@@ -62,7 +67,7 @@ def no_sync(accelerator: Accelerator, model: nn.Module) -> Any:
     that accelerate marks as syncing, so mark this one as not (the gradient cache's several
     backward passes make one step).
     """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if active(accelerator):
         return _accumulating(accelerator)
     return accelerator.no_sync(model)
 
@@ -83,8 +88,7 @@ def grad_norm(accelerator: Accelerator) -> float:
 
 
 def is_zero3(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and plugin.zero_stage == 3
+    return active(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def take_back_trained_model(accelerator: Accelerator, model: nn.Module) -> None:
