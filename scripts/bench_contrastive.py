@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,6 +63,7 @@ def bench_ember(
     out_dir: Path,
     processes: int = 1,
     threads: int | None = None,
+    fast_cpu_dropout: bool = True,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs
@@ -77,7 +79,8 @@ def bench_ember(
         f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
         f"loss: {{temperature: 0.05, gather_across_devices: {str(processes > 1).lower()}}}\n"
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
-        f" mixed_precision: '{'bf16' if precision == 'bf16' else 'no'}', keep_checkpoints: 1}}\n"
+        f" mixed_precision: '{'bf16' if precision == 'bf16' else 'no'}', keep_checkpoints: 1,"
+        f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}}}\n"
         "export: {enabled: false}\n"
     )
     if processes == 1 and threads is None:
@@ -210,26 +213,42 @@ def bench_st(
     return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def parse_variant(spec: str) -> tuple[str, str, bool, int, int | None]:
-    """``ember:fp32+grouped+2proc`` -> ("ember", "fp32", True, 2, None); ``st:bf16`` -> ("st", "bf16", False, 1, None).
+class Variant(NamedTuple):
+    side: str  # ember | st
+    precision: str  # fp32 | bf16
+    grouped: bool
+    processes: int
+    threads: int | None
+    fast_cpu_dropout: bool
+
+
+def parse_variant(spec: str) -> Variant:
+    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True).
 
     Extras (ember-train only): ``grouped`` (length-aware batching), ``2proc`` (two processes with
-    one thread each, gathered negatives), ``1thread`` (one process, one torch thread).
+    one thread each, gathered negatives), ``1thread`` (one process, one torch thread),
+    ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``).
     """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
     if (
         side not in ("ember", "st")
         or precision not in ("fp32", "bf16")
-        or set(extras) - {"grouped", "2proc", "1thread"}
+        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout"}
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
     if side == "st" and extras:
         raise SystemExit(
             "sentence-transformers runs with its defaults here (one process, no length grouping)"
         )
-    processes = 2 if "2proc" in extras else 1
-    return side, precision, "grouped" in extras, processes, 1 if "1thread" in extras else None
+    return Variant(
+        side,
+        precision,
+        grouped="grouped" in extras,
+        processes=2 if "2proc" in extras else 1,
+        threads=1 if "1thread" in extras else None,
+        fast_cpu_dropout="torchdropout" not in extras,
+    )
 
 
 def main() -> None:
@@ -247,7 +266,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="ember:fp32,st:fp32",
-        help="comma-separated runs: ember:{fp32,bf16}[+grouped], st:{fp32,bf16}",
+        help="comma-separated runs: ember:{fp32,bf16}[+grouped][+2proc][+1thread][+torchdropout], st:{fp32,bf16}",
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -279,9 +298,9 @@ def main() -> None:
             for r in range(args.repeats):
                 # Alternate the order, so a trend in machine load does not favour one side.
                 for v in variants if r % 2 == 0 else variants[::-1]:
-                    side, precision, grouped, processes, threads = parsed[v]
+                    variant = parsed[v]
                     out = tmp / f"{batch_size}_{r}_{v.replace(':', '_').replace('+', '_')}"
-                    if side == "ember":
+                    if variant.side == "ember":
                         speed[v].append(
                             bench_ember(
                                 pairs_file,
@@ -289,11 +308,12 @@ def main() -> None:
                                 args.steps,
                                 args.warmup_steps,
                                 args.max_length,
-                                precision,
-                                grouped,
+                                variant.precision,
+                                variant.grouped,
                                 out,
-                                processes,
-                                threads,
+                                variant.processes,
+                                variant.threads,
+                                variant.fast_cpu_dropout,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))
@@ -305,7 +325,7 @@ def main() -> None:
                                 args.steps,
                                 args.warmup_steps,
                                 args.max_length,
-                                precision,
+                                variant.precision,
                                 False,
                                 out,
                             )
@@ -319,7 +339,7 @@ def main() -> None:
                 f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s"
             )
             # Ratios against each sentence-transformers run, or against the first variant if none ran.
-            st_variants = [v for v in variants if parsed[v][0] == "st"] or variants[:1]
+            st_variants = [v for v in variants if parsed[v].side == "st"] or variants[:1]
             header = "| variant | samples/s (mean) | " + " | ".join(
                 f"ratio vs {s} (min-max)" for s in st_variants
             )
@@ -331,11 +351,11 @@ def main() -> None:
                 for s in st_variants:
                     ratios = [a / b for a, b in zip(speed[v], speed[s], strict=True)]
                     cells.append(f"{statistics.mean(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
-                if parsed[v][0] == "ember":
+                if parsed[v].side == "ember":
                     tokens = statistics.mean(x["tokens_per_s"] for x in stats[v])
                     padding = statistics.mean(x["padding_fraction"] for x in stats[v])
                     flops = tokens * flops_per_token
-                    own = bf16_peak if parsed[v][1] == "bf16" else fp32_peak
+                    own = bf16_peak if parsed[v].precision == "bf16" else fp32_peak
                     cells += [
                         f"{tokens:.0f}",
                         f"{padding:.1%}",

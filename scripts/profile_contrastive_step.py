@@ -26,7 +26,14 @@ sys.path.insert(0, str(REPO))
 
 GROUPS = {
     "matmul (mm, addmm, bmm)": {"aten::mm", "aten::addmm", "aten::bmm"},
-    "dropout (random masks, masking)": {"aten::bernoulli_", "aten::mul", "aten::div_"},
+    "dropout (random masks, masking)": {
+        "aten::bernoulli_",
+        "aten::random_",
+        "aten::lt",
+        "aten::mul",
+        "aten::mul_",
+        "aten::div_",
+    },
     "GELU, softmax, LayerNorm (fwd+bwd)": {
         "aten::gelu",
         "aten::gelu_backward",
@@ -51,6 +58,9 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=15, help="top operators to print")
+    parser.add_argument(
+        "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -61,6 +71,7 @@ def main() -> None:
     from ember_train.encoder import Encoder
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_dataloader, make_loss_step
+    from ember_train.training.fast_dropout import use_fast_cpu_dropout
     from ember_train.training.loop import build_optimizer
 
     if args.threads:
@@ -83,6 +94,8 @@ def main() -> None:
         examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
         batches = list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0))
 
+    if not args.torch_dropout:
+        use_fast_cpu_dropout(encoder)  # what the training loop does on CPU (train.fast_cpu_dropout)
     optimizer = build_optimizer(encoder, cfg.train)
     loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
     encoder.train()

@@ -2,6 +2,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -9,6 +10,7 @@ from ember_train.config import load_config
 from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.pipelines import contrastive
+from ember_train.training.fast_dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,8 +29,11 @@ def _loss(emb, loss_fn):
     return loss_fn(q, d[:6], d[6:].view(6, 1, -1))
 
 
-def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path):
+@pytest.mark.parametrize("fast_cpu_dropout", [False, True])
+def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, fast_cpu_dropout):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).train()  # dropout on
+    if fast_cpu_dropout:
+        assert use_fast_cpu_dropout(encoder) > 0
     assert encoder.backbone.config.hidden_dropout_prob > 0
     q_features, d_features = encoder.tokenize(QUERIES), encoder.tokenize(DOCS + NEGS)
     loss_fn = InfoNCELoss(0.05)

@@ -55,6 +55,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # On CPU: dropout masks drawn 16 bits at a time, several times cheaper than PyTorch's (keep
+    # probability rounded to 1/65536); other devices are unaffected. See training/fast_dropout.py.
+    fast_cpu_dropout: bool = True
     grad_cache_chunk_size: int = (
         0  # > 0: gradient cache, embed in chunks of this size (big batches, small memory)
     )

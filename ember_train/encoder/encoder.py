@@ -71,6 +71,11 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
+def restore_order(sorted_embeddings: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """Embeddings of :meth:`Encoder.tokenize_by_length` slices, concatenated, back in text order."""
+    return torch.cat(list(sorted_embeddings))[torch.argsort(order.to(sorted_embeddings[0].device))]
+
+
 class Encoder(nn.Module):
     """Backbone + pooling (+ optional L2 normalisation), with optional query/document prefixes.
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.encoder import Encoder
+from ember_train.encoder import Encoder, restore_order
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
@@ -140,26 +140,27 @@ def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
 
     def counts(batch: dict[str, Any]) -> dict[str, float]:
         return {
-            "samples": float(batch["query"]["input_ids"].shape[0]),
-            **token_counts(batch["query"], batch["documents"]),
+            "samples": float(batch["query_order"].shape[0]),
+            **token_counts(*batch["query"], *batch["documents"]),
         }
 
     def loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = loss_from_embeddings(
-            model(batch["query"]), model(batch["documents"]), int(batch["num_negatives"])
-        )
-        return loss, counts(batch)
+        query = restore_order([model(s) for s in batch["query"]], batch["query_order"])
+        documents = restore_order([model(s) for s in batch["documents"]], batch["document_order"])
+        return loss_from_embeddings(query, documents, int(batch["num_negatives"])), counts(batch)
 
     def cached_loss_step(
         model: nn.Module, batch: dict[str, Any], ctx: StepContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        num_negatives = int(batch["num_negatives"])
+        num_negatives, num_query_slices = int(batch["num_negatives"]), len(batch["query"])
+
+        def loss_from_slices(embeddings: list[torch.Tensor]) -> torch.Tensor:
+            query = restore_order(embeddings[:num_query_slices], batch["query_order"])
+            documents = restore_order(embeddings[num_query_slices:], batch["document_order"])
+            return loss_from_embeddings(query, documents, num_negatives)
+
         loss = grad_cache_step(
-            model,
-            [batch["query"], batch["documents"]],
-            lambda emb: loss_from_embeddings(emb[0], emb[1], num_negatives),
-            ctx,
-            grad_cache_chunk_size,
+            model, [*batch["query"], *batch["documents"]], loss_from_slices, ctx, grad_cache_chunk_size
         )
         return loss, counts(batch)
 

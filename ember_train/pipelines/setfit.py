@@ -39,7 +39,7 @@ from ember_train.data.pairs import token_counts
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
-from ember_train.encoder import Encoder
+from ember_train.encoder import Encoder, restore_order
 from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
 from ember_train.evaluation.base import EvalResult, percent
 from ember_train.evaluation.sts import STSEvaluator
@@ -219,7 +219,7 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
     """
 
     def loss_from_embeddings(sorted_embeddings: list[torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        embeddings = torch.cat(sorted_embeddings)[torch.argsort(batch["order"])]  # back to pair order
+        embeddings = restore_order(sorted_embeddings, batch["order"])  # back to pair order
         size = batch["label"].shape[0]
         return loss_fn(embeddings[:size], embeddings[size:], batch["label"])
 

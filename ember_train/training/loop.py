@@ -26,6 +26,7 @@ from ember_train.config.schema import TrainConfig
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
+from ember_train.training.fast_dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning
 from ember_train.training.logging import MetricsLogger
@@ -124,6 +125,8 @@ def train_loop(
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
+    if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
+        use_fast_cpu_dropout(model)
     optimizer = build_optimizer(model, cfg)
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:

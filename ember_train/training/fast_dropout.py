@@ -1,0 +1,153 @@
+"""Cheaper dropout masks for training on CPU: the same Bernoulli dropout, drawn 16 bits at a time.
+
+PyTorch draws a CPU dropout mask with ``bernoulli_``: one double-precision sample per element,
+on one thread on CPUs where it does not use MKL (AMD, for one). That was 14% of a contrastive
+step of all-MiniLM-L6-v2 on this project's development machine
+(``scripts/profile_contrastive_step.py``), and attention-probability dropout also sends
+``scaled_dot_product_attention`` to its slowest path. Here one 64-bit output of NumPy's PCG64
+gives four 16-bit uniforms, compared with a threshold (about 8x cheaper per mask), and the mask
+is kept as booleans (1 byte per element instead of 4). The keep probability is rounded to a
+multiple of 1/65536 (0.9 becomes 0.899994) and kept values are scaled by exactly its inverse, so
+the expectation of every activation is unchanged.
+
+Only the CPU changes: :func:`use_fast_cpu_dropout` is applied by the training loop when it runs
+on CPU (``train.fast_cpu_dropout``), and on any other device the modules fall back to PyTorch's
+fused kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_IMPLEMENTATION = "ember_cpu_dropout"
+_LEVELS = 1 << 16
+
+
+def keep_probability(p: float) -> float:
+    """The keep probability the masks really have: ``1 - p`` rounded to a multiple of 1/65536."""
+    return round((1.0 - p) * _LEVELS) / _LEVELS
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """A boolean CPU mask, True with probability :func:`keep_probability` (p), independently per element.
+
+    Each call draws one seed from torch's default generator and fills the mask from NumPy's PCG64
+    seeded with it: one 64-bit output gives four uniform 16-bit integers in [-32768, 32767]. The
+    masks are a function of the torch RNG state alone, so ``torch.manual_seed``, checkpointed RNG
+    states and the gradient cache's replay reproduce them.
+    """
+    numel = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
+    halves = torch.from_numpy(words.view(np.int16))[:numel]
+    threshold = round(keep_probability(p) * _LEVELS) - _LEVELS // 2
+    return (halves < threshold).view(shape)
+
+
+class _ScaleByMask(torch.autograd.Function):
+    """``x * mask * scale`` with the boolean mask saved for backward (not a float copy of it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None, None
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout with :func:`keep_mask` on CPU; PyTorch's own dropout on other devices."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0 or keep_probability(p) >= 1.0:
+        return F.dropout(x, p, training=True)
+    keep = keep_probability(p)
+    return _ScaleByMask.apply(x, keep_mask(x.shape, p), 1.0 / keep)
+
+
+class FastCPUDropout(nn.Dropout):
+    """``nn.Dropout`` (same ``p``, same place in the model) whose CPU masks come from :func:`keep_mask`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(input, self.p, self.training)
+
+
+def cpu_dropout_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that attention dropout on CPU uses :func:`fast_dropout`.
+
+    Without dropout (evaluation, or ``p = 0``), off CPU, and for what the explicit path below does
+    not cover (causal or grouped-query attention, position biases, soft-capping) it *is* SDPA.
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (
+        dropout == 0.0
+        or query.device.type != "cpu"
+        or causal
+        or getattr(module, "num_key_value_groups", 1) != 1
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # SDPA masks: True = attend
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:  # additive masks
+            scores = scores + attention_mask
+    probs = fast_dropout(scores.softmax(dim=-1), dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, cpu_dropout_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+def use_fast_cpu_dropout(model: nn.Module) -> int:
+    """Swap every ``nn.Dropout`` in ``model`` for :class:`FastCPUDropout`; SDPA attention for :func:`cpu_dropout_attention`.
+
+    Returns how many dropout modules were swapped. Idempotent. Parameters, state dicts and saved
+    configs do not change (the attention choice is not written to ``config.json``).
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastCPUDropout(child.p, child.inplace).train(child.training))
+                swapped += 1
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
+            module.set_attn_implementation(ATTENTION_IMPLEMENTATION, allow_all_kernels=True)
+    return swapped

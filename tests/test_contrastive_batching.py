@@ -1,0 +1,83 @@
+"""Contrastive batches: length-sorted slices per side give the same loss as one padded batch, with less padding."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from ember_train.data.pairs import PairCollator, PairExample, token_counts
+from ember_train.encoder import Encoder, restore_order
+from ember_train.losses.infonce import InfoNCELoss
+from ember_train.pipelines.contrastive import make_loss_step
+from ember_train.training.grad_cache import StepContext
+
+EXAMPLES = [
+    PairExample(
+        query="q " + "word " * (i % 7),
+        positive=f"document {i} " + "text " * (3 * i % 17),
+        negatives=[f"negative {i} " + "noise " * (i % 5), f"other {i}"],
+    )
+    for i in range(10)
+]
+
+
+@pytest.mark.parametrize("num_negatives", [0, 1])
+def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, num_negatives):
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).eval()  # no dropout
+    batch = PairCollator(encoder, num_negatives=num_negatives)(EXAMPLES)
+    assert len(batch["query"]) == len(batch["documents"]) == 2
+    loss_fn = InfoNCELoss(0.05)
+
+    loss, metrics = make_loss_step(loss_fn)(encoder, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad()
+
+    queries = encoder.tokenize([e.query for e in EXAMPLES], kind="query")
+    documents = [e.positive for e in EXAMPLES]
+    if num_negatives:
+        documents += [n for e in EXAMPLES for n in PairCollator(encoder, num_negatives=1)._negatives(e)]
+    document_features = encoder.tokenize(documents, kind="document")
+    q, d = encoder(queries), encoder(document_features)
+    negatives = d[len(EXAMPLES) :].view(len(EXAMPLES), num_negatives, -1) if num_negatives else None
+    reference = loss_fn(q, d[: len(EXAMPLES)], negatives)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for name, param in encoder.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+    # Same real tokens, less padding than one padded batch per side.
+    one_batch = token_counts(queries, document_features)
+    assert metrics["tokens"] == one_batch["tokens"]
+    assert metrics["padding_tokens"] < one_batch["padding_tokens"]
+    assert metrics["samples"] == len(EXAMPLES)
+
+
+def test_restore_order_undoes_the_length_sort(tiny_bert_path):
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
+    texts = [e.positive for e in EXAMPLES]
+    slices, order = encoder.tokenize_by_length(texts, num_chunks=3)
+    rows = restore_order([s["attention_mask"].sum(dim=1, keepdim=True) for s in slices], order)
+    assert rows.squeeze(1).tolist() == encoder.tokenize(texts)["attention_mask"].sum(dim=1).tolist()
+
+
+def test_grad_cache_step_over_slices_matches_the_plain_step(tiny_bert_path):
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).eval()
+    batch = PairCollator(encoder, num_negatives=1)(EXAMPLES)
+    loss_fn = InfoNCELoss(0.05)
+    loss, _ = make_loss_step(loss_fn)(encoder, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad()
+    ctx = StepContext(
+        backward=lambda t: t.backward(),
+        no_sync=nullcontext,
+        sync=True,
+        loss_is_finite=lambda t: True,
+    )
+    cached, _ = make_loss_step(loss_fn, grad_cache_chunk_size=3)(encoder, batch, ctx)
+    torch.testing.assert_close(cached, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, param in encoder.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,168 @@
+"""CPU dropout masks drawn 16 bits at a time: the same dropout, in distribution and in the model."""
+
+import json
+
+import pytest
+import torch
+from reliability.tiny_loop import TinyModel, make_loader, make_loss_step
+from torch import nn
+from transformers import AutoModel, BertConfig, BertModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ember_train.config import TrainConfig
+from ember_train.training.fast_dropout import (
+    ATTENTION_IMPLEMENTATION,
+    FastCPUDropout,
+    cpu_dropout_attention,
+    fast_dropout,
+    keep_mask,
+    keep_probability,
+    use_fast_cpu_dropout,
+)
+from ember_train.training.loop import build_accelerator, train_loop
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_has_the_keep_probability_in_every_16_bit_slot(p):
+    torch.manual_seed(0)
+    shape = (1001, 999)  # not a multiple of 4 elements: the last 64-bit word is partly used
+    mask = keep_mask(shape, p)
+    assert mask.shape == shape and mask.dtype == torch.bool
+    flat = mask.flatten().double()
+    q = keep_probability(p)
+    assert abs(q - (1 - p)) <= 0.5 / 65536
+    for part in (flat, *(flat[i::4] for i in range(4))):  # the four 16-bit slots of each draw
+        sigma = (q * (1 - q) / part.numel()) ** 0.5
+        assert abs(part.mean().item() - q) < 5 * sigma
+    # Neighbouring elements are independent (no pattern between the slots of a word).
+    both = (flat[:-1] * flat[1:]).mean().item()
+    assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (flat.numel() // 2)) ** 0.5
+
+
+def test_keep_mask_follows_the_torch_seed():
+    torch.manual_seed(7)
+    a = keep_mask((64, 33), 0.1)
+    torch.manual_seed(7)
+    b = keep_mask((64, 33), 0.1)
+    c = keep_mask((64, 33), 0.1)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_fast_dropout_scales_kept_values_and_gradients_by_the_inverse_keep_probability():
+    x = torch.randn(50, 70, requires_grad=True)
+    torch.manual_seed(1)
+    out = fast_dropout(x, 0.2)
+    torch.manual_seed(1)
+    mask = keep_mask(x.shape, 0.2)
+    scale = 1 / keep_probability(0.2)
+    torch.testing.assert_close(out, torch.where(mask, x * scale, 0.0), rtol=1e-6, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, mask.float() * scale, rtol=1e-6, atol=0)
+
+
+def test_fast_dropout_is_the_identity_when_off():
+    x = torch.randn(4, 5)
+    assert fast_dropout(x, 0.1, training=False) is x
+    assert fast_dropout(x, 0.0) is x
+    assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))  # PyTorch's own edge case
+
+
+class _Attention(nn.Module):
+    is_causal = False
+
+
+def test_attention_dropout_path_is_softmax_attention_with_the_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    attend = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    attend[0, :, :, 3:] = False  # padding keys of the first text
+    torch.manual_seed(11)
+    out, _ = cpu_dropout_attention(_Attention(), q, k, v, attend, dropout=0.25, scaling=0.3)
+    out.pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(11)
+    mask = keep_mask((2, 3, 5, 5), 0.25)
+    assert 0 < mask.sum() < mask.numel()
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~attend, float("-inf"))
+    probs = torch.where(mask, scores.softmax(-1) / keep_probability(0.25), 0.0)
+    expected = (probs @ v).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    expected.pow(2).sum().backward()
+    for got, t in zip(grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+    # Without dropout it is transformers' SDPA attention itself.
+    with torch.no_grad():
+        plain, _ = cpu_dropout_attention(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
+        sdpa, _ = sdpa_attention_forward(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
+    assert torch.equal(plain, sdpa)
+
+
+def _tiny_bert(hidden_dropout: float, attention_dropout: float) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=hidden_dropout,
+        attention_probs_dropout_prob=attention_dropout,
+    )
+    return BertModel(config)
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_model_swap_keeps_evaluation_outputs_and_the_saved_config(tmp_path):
+    model = _tiny_bert(0.1, 0.1).eval()
+    before = model(**_inputs()).last_hidden_state
+    dropouts = sum(type(m) is nn.Dropout for m in model.modules())
+    assert use_fast_cpu_dropout(model) == dropouts == 1 + 3 * 2  # embeddings + 3 per layer
+    assert use_fast_cpu_dropout(model) == 0  # idempotent
+    assert model.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    assert all(type(m) is not nn.Dropout for m in model.modules())
+    assert torch.equal(model(**_inputs()).last_hidden_state, before)
+    model.save_pretrained(tmp_path)
+    assert not any("attn" in key for key in json.loads((tmp_path / "config.json").read_text()))
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == "sdpa"
+    assert torch.equal(reloaded(**_inputs()).last_hidden_state, before)
+
+
+@pytest.mark.parametrize(("hidden", "attention"), [(0.3, 0.0), (0.0, 0.3)])
+def test_swapped_model_applies_hidden_and_attention_dropout_in_training(hidden, attention):
+    model = _tiny_bert(hidden, attention)
+    use_fast_cpu_dropout(model)
+    model.eval()
+    reference = model(**_inputs()).last_hidden_state
+    model.train()
+    torch.manual_seed(0)
+    first = model(**_inputs()).last_hidden_state
+    torch.manual_seed(0)
+    again = model(**_inputs()).last_hidden_state
+    other = model(**_inputs()).last_hidden_state
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.allclose(first, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_train_loop_swaps_dropout_on_cpu_only_when_enabled(tmp_path, enabled):
+    cfg = TrainConfig(batch_size=4, max_steps=2, log_every=1, fast_cpu_dropout=enabled)
+    accelerator = build_accelerator(cfg, tmp_path, seed=0)
+    model = TinyModel()
+    train_loop(
+        accelerator=accelerator,
+        model=model,
+        loss_step=make_loss_step(),
+        dataloader=make_loader(batch_size=4),
+        cfg=cfg,
+        output_dir=tmp_path,
+    )
+    assert isinstance(model.drop, FastCPUDropout) is enabled
