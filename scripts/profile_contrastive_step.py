@@ -28,6 +28,7 @@ GROUPS = {
     "matmul (mm, addmm, bmm)": {"aten::mm", "aten::addmm", "aten::bmm"},
     "dropout (random masks, masking)": {
         "aten::bernoulli_",
+        "ember_train::keep_mask",
         "aten::random_",
         "aten::lt",
         "aten::mul",

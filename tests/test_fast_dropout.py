@@ -166,3 +166,19 @@ def test_train_loop_swaps_dropout_on_cpu_only_when_enabled(tmp_path, enabled):
         output_dir=tmp_path,
     )
     assert isinstance(model.drop, FastCPUDropout) is enabled
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    """Non-reentrant checkpointing replays the forward with the saved RNG state: same masks, same grads."""
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny_bert(0.2, 0.2).train()
+        use_fast_cpu_dropout(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)
+        model(**_inputs()).last_hidden_state.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)

@@ -46,7 +46,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """
     numel = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
+    with torch.profiler.record_function("ember_train::keep_mask"):  # NumPy time shows in profiles
+        words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
     halves = torch.from_numpy(words.view(np.int16))[:numel]
     threshold = round(keep_probability(p) * _LEVELS) - _LEVELS // 2
     return (halves < threshold).view(shape)
