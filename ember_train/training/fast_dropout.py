@@ -23,9 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import PreTrainedModel
+
+try:  # transformers' attention registry (recent versions; developed against 5.x)
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+except ImportError:  # older transformers: only the nn.Dropout modules are swapped
+    AttentionInterface = None
 
 ATTENTION_IMPLEMENTATION = "ember_cpu_dropout"
 _LEVELS = 1 << 16
@@ -132,8 +137,9 @@ def cpu_dropout_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION_IMPLEMENTATION, cpu_dropout_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+if AttentionInterface is not None:
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, cpu_dropout_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
 
 
 def use_fast_cpu_dropout(model: nn.Module) -> int:
@@ -148,7 +154,7 @@ def use_fast_cpu_dropout(model: nn.Module) -> int:
             if type(child) is nn.Dropout:
                 setattr(parent, name, FastCPUDropout(child.p, child.inplace).train(child.training))
                 swapped += 1
-    for module in model.modules():
+    for module in model.modules() if AttentionInterface is not None else ():
         if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
-            module.set_attn_implementation(ATTENTION_IMPLEMENTATION, allow_all_kernels=True)
+            module.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     return swapped
