@@ -134,11 +134,10 @@ class PairCollator:
     (:func:`~ember_train.encoder.restore_order`).
     """
 
-    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, num_slices: int = 2) -> None:
+    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
-        self.num_slices = num_slices
 
     def _negatives(self, example: PairExample) -> list[str]:
         negatives = example.negatives
@@ -154,12 +153,8 @@ class PairCollator:
         if self.num_negatives:
             for e in examples:
                 documents.extend(self._negatives(e))
-        queries, query_order = self.encoder.tokenize_by_length(
-            [e.query for e in examples], kind="query", num_chunks=self.num_slices
-        )
-        documents, document_order = self.encoder.tokenize_by_length(
-            documents, kind="document", num_chunks=self.num_slices
-        )
+        queries, query_order = self.encoder.tokenize_by_length([e.query for e in examples], kind="query")
+        documents, document_order = self.encoder.tokenize_by_length(documents, kind="document")
         return {
             "query": queries,
             "query_order": query_order,

@@ -77,9 +77,9 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     """Dropout with :func:`keep_mask` on CPU; PyTorch's own dropout on other devices."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or keep_probability(p) >= 1.0:
-        return F.dropout(x, p, training=True)
     keep = keep_probability(p)
+    if x.device.type != "cpu" or not 0.0 < keep < 1.0:  # other devices; p = 1; p below 1/131072
+        return F.dropout(x, p, training=True)
     return _ScaleByMask.apply(x, keep_mask(x.shape, p), 1.0 / keep)
 
 
@@ -130,7 +130,7 @@ def cpu_dropout_attention(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # SDPA masks: True = attend
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
         else:  # additive masks
             scores = scores + attention_mask
     probs = fast_dropout(scores.softmax(dim=-1), dropout)

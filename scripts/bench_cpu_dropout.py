@@ -1,0 +1,120 @@
+"""CPU dropout masks and contrastive padding, measured in one process.
+
+    python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+        --max-length 128 --group-by-length --steps 12
+
+1. One mask of 32 x 12 x 128 x 128 elements (attention probabilities at batch 32): PyTorch's
+   ``F.dropout`` against ember-train's ``fast_dropout`` (median of 10).
+2. Padding of the contrastive batches per side: one padded batch against two length-sorted
+   slices (what ``PairCollator`` does).
+3. Training steps A/B: two copies of the packaged all-MiniLM-L6-v2, one with PyTorch's dropout
+   and one with ``use_fast_cpu_dropout``, stepped alternately on the same batches (the first
+   step of each not counted), so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_contrastive import MODEL, REPO, load_debian_pairs  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--group-by-length", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from ember_train.config import load_config
+    from ember_train.data.pairs import load_pairs
+    from ember_train.encoder import Encoder
+    from ember_train.losses.infonce import InfoNCELoss
+    from ember_train.pipelines.contrastive import make_dataloader, make_loss_step
+    from ember_train.training.fast_dropout import fast_dropout, use_fast_cpu_dropout
+    from ember_train.training.loop import build_optimizer
+
+    x = torch.randn(32, 12, 128, 128)
+    torch_ms = median_ms(lambda: torch.nn.functional.dropout(x, 0.1, True))
+    fast_ms = median_ms(lambda: fast_dropout(x, 0.1))
+    print(f"mask of {x.numel():,} elements: F.dropout {torch_ms:.1f} ms, fast_dropout {fast_ms:.1f} ms")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_file = Path(tmp) / "pairs.jsonl"
+        pairs = load_debian_pairs(args.pairs, args.batch_size * args.steps, seed=0)
+        pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        cfg_path = Path(tmp) / "bench.yaml"
+        cfg_path.write_text(
+            f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
+            f"model: {{name_or_path: '{MODEL}', max_seq_length: {args.max_length}, normalize: true}}\n"
+            f"data: {{train: '{pairs_file}', group_by_length: {str(args.group_by_length).lower()}}}\n"
+            f"train: {{batch_size: {args.batch_size}}}\n"
+        )
+        cfg = load_config(str(cfg_path))
+        models = {}
+        for name in ("torch", "fast"):
+            encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
+            if name == "fast":
+                use_fast_cpu_dropout(encoder)
+            models[name] = (encoder, build_optimizer(encoder, cfg.train))
+        examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
+        batches = list(make_dataloader(examples, models["torch"][0], cfg, world_size=1, rank=0))
+
+    for side in ("query", "documents"):
+        order = "query_order" if side == "query" else "document_order"
+        real = sum(int(s["attention_mask"].sum()) for b in batches for s in b[side])
+        one_batch = sum(
+            len(b[order]) * max(int(s["attention_mask"].sum(dim=1).max()) for s in b[side]) for b in batches
+        )
+        sliced = sum(s["attention_mask"].numel() for b in batches for s in b[side])
+        print(
+            f"{side}: {real:,} real tokens; padding one batch {one_batch - real:,} "
+            f"({1 - real / one_batch:.1%}), two slices {sliced - real:,} ({1 - real / sliced:.1%})"
+        )
+
+    loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
+    seconds: dict[str, list[float]] = {"torch": [], "fast": []}
+    for i, batch in enumerate(batches):
+        for name in ("torch", "fast") if i % 2 else ("fast", "torch"):
+            encoder, optimizer = models[name]
+            start = time.perf_counter()
+            loss, _ = loss_step(encoder, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds[name].append(time.perf_counter() - start)
+    plain, fast = sum(seconds["torch"][1:]), sum(seconds["fast"][1:])
+    print(
+        f"{len(batches) - 1} steps: PyTorch dropout {plain:.2f} s, fast_cpu_dropout {fast:.2f} s, "
+        f"speed-up {plain / fast:.3f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
