@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,6 +50,35 @@ def load_debian_pairs(path: Path, n: int, seed: int) -> list[dict]:
         pairs.append({"query": row["short"], "pos": row["long"]})
     random.Random(seed).shuffle(pairs)
     return pairs[:n]
+
+
+def contrastive_batches(
+    pairs_path: Path, *, batch_size: int, num_batches: int, max_length: int, group_by_length: bool, tmp: Path
+) -> tuple[Any, Any, list[dict]]:
+    """The contrastive pipeline's own batches over ``batch_size x num_batches`` Debian pairs.
+
+    Returns the run config, a fresh packaged-MiniLM encoder (its tokenizer made the batches) and
+    the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes them.
+    """
+    from ember_train.config import load_config
+    from ember_train.data.pairs import load_pairs
+    from ember_train.encoder import Encoder
+    from ember_train.pipelines.contrastive import make_dataloader
+
+    pairs_file = tmp / "pairs.jsonl"
+    pairs = load_debian_pairs(pairs_path, batch_size * num_batches, seed=0)
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg_path = tmp / "bench.yaml"
+    cfg_path.write_text(
+        f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
+        f"model: {{name_or_path: '{MODEL}', max_seq_length: {max_length}, normalize: true}}\n"
+        f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
+        f"train: {{batch_size: {batch_size}}}\n"
+    )
+    cfg = load_config(str(cfg_path))
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
+    examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
+    return cfg, encoder, list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0))
 
 
 def bench_ember(

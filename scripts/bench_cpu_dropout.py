@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import MODEL, REPO, load_debian_pairs  # noqa: E402
+from bench_contrastive import REPO, contrastive_batches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -51,11 +50,9 @@ def main() -> None:
 
     import torch
 
-    from ember_train.config import load_config
-    from ember_train.data.pairs import load_pairs
     from ember_train.encoder import Encoder
     from ember_train.losses.infonce import InfoNCELoss
-    from ember_train.pipelines.contrastive import make_dataloader, make_loss_step
+    from ember_train.pipelines.contrastive import make_loss_step
     from ember_train.training.fast_dropout import fast_dropout, use_fast_cpu_dropout
     from ember_train.training.loop import build_optimizer
 
@@ -65,25 +62,20 @@ def main() -> None:
     print(f"mask of {x.numel():,} elements: F.dropout {torch_ms:.1f} ms, fast_dropout {fast_ms:.1f} ms")
 
     with tempfile.TemporaryDirectory() as tmp:
-        pairs_file = Path(tmp) / "pairs.jsonl"
-        pairs = load_debian_pairs(args.pairs, args.batch_size * args.steps, seed=0)
-        pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        cfg_path = Path(tmp) / "bench.yaml"
-        cfg_path.write_text(
-            f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
-            f"model: {{name_or_path: '{MODEL}', max_seq_length: {args.max_length}, normalize: true}}\n"
-            f"data: {{train: '{pairs_file}', group_by_length: {str(args.group_by_length).lower()}}}\n"
-            f"train: {{batch_size: {args.batch_size}}}\n"
+        cfg, torch_encoder, batches = contrastive_batches(
+            args.pairs,
+            batch_size=args.batch_size,
+            num_batches=args.steps,
+            max_length=args.max_length,
+            group_by_length=args.group_by_length,
+            tmp=Path(tmp),
         )
-        cfg = load_config(str(cfg_path))
-        models = {}
-        for name in ("torch", "fast"):
-            encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
-            if name == "fast":
-                use_fast_cpu_dropout(encoder)
-            models[name] = (encoder, build_optimizer(encoder, cfg.train))
-        examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
-        batches = list(make_dataloader(examples, models["torch"][0], cfg, world_size=1, rank=0))
+    fast_encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
+    use_fast_cpu_dropout(fast_encoder)
+    models = {
+        name: (enc, build_optimizer(enc, cfg.train))
+        for name, enc in (("torch", torch_encoder), ("fast", fast_encoder))
+    }
 
     for side in ("query", "documents"):
         order = "query_order" if side == "query" else "document_order"

@@ -13,14 +13,13 @@ operators. This explains the model FLOP utilisation that ``bench_contrastive.py`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import MODEL, REPO, load_debian_pairs  # noqa: E402
+from bench_contrastive import REPO, contrastive_batches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -67,33 +66,22 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ember_train.config import load_config
-    from ember_train.data.pairs import load_pairs
-    from ember_train.encoder import Encoder
     from ember_train.losses.infonce import InfoNCELoss
-    from ember_train.pipelines.contrastive import make_dataloader, make_loss_step
+    from ember_train.pipelines.contrastive import make_loss_step
     from ember_train.training.fast_dropout import use_fast_cpu_dropout
     from ember_train.training.loop import build_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    total = args.batch_size * (args.steps + args.warmup_steps)
     with tempfile.TemporaryDirectory() as tmp:
-        pairs_file = Path(tmp) / "pairs.jsonl"
-        pairs_file.write_text(
-            "".join(json.dumps(p) + "\n" for p in load_debian_pairs(args.pairs, total, seed=0))
+        cfg, encoder, batches = contrastive_batches(
+            args.pairs,
+            batch_size=args.batch_size,
+            num_batches=args.steps + args.warmup_steps,
+            max_length=args.max_seq_length,
+            group_by_length=True,
+            tmp=Path(tmp),
         )
-        cfg_path = Path(tmp) / "profile.yaml"
-        cfg_path.write_text(
-            f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
-            f"model: {{name_or_path: '{MODEL}', max_seq_length: {args.max_seq_length}, normalize: true}}\n"
-            f"data: {{train: '{pairs_file}', group_by_length: true}}\n"
-            f"train: {{batch_size: {args.batch_size}}}\n"
-        )
-        cfg = load_config(str(cfg_path))
-        encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
-        examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
-        batches = list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0))
 
     if not args.torch_dropout:
         use_fast_cpu_dropout(encoder)  # what the training loop does on CPU (train.fast_cpu_dropout)

@@ -9,7 +9,7 @@ import torch
 from ember_train.encoder import Encoder
 from ember_train.encoder.heads import LinearHead
 from ember_train.losses.cosine import CosineMSELoss
-from ember_train.pipelines.setfit import PairCollator, make_pair_loss_step
+from ember_train.pipelines.setfit import TargetPairCollator, make_pair_loss_step
 from ember_train.setfit_model import SetFitStyleModel
 from ember_train.training.grad_cache import StepContext
 
@@ -54,7 +54,7 @@ def test_pair_loss_is_computed_in_pair_order(tiny_bert_path):
         {"text1": s, "text2": t, "label": float(i % 2)}
         for i, (s, t) in enumerate(zip(SHORT, LONG, strict=True))
     ]
-    batch = PairCollator(model.body)(items)
+    batch = TargetPairCollator(model.body)(items)
     loss_fn = CosineMSELoss()
     loss, metrics = make_pair_loss_step(loss_fn)(model, batch)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path):
     model = _model(tiny_bert_path).eval()
     items = [{"text1": s, "text2": t, "label": 1.0} for s, t in zip(SHORT, LONG, strict=True)]
     items += [{"text1": s, "text2": t, "label": 0.0} for s, t in zip(SHORT, reversed(LONG), strict=True)]
-    batch = PairCollator(model.body)(items)
+    batch = TargetPairCollator(model.body)(items)
     loss_fn = CosineMSELoss()
 
     plain_loss, _ = make_pair_loss_step(loss_fn)(model, batch)

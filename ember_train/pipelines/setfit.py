@@ -146,11 +146,12 @@ class ScoredPairDataset(Dataset):
         return {"text1": self.pairs.sentence1[k], "text2": self.pairs.sentence2[k], "label": self.targets[k]}
 
 
-class PairCollator:
-    """Tokenize both sides of every pair together, sorted by length into two padded slices.
+class TargetPairCollator:
+    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices + targets.
 
-    Texts of both sides share the slices, so each slice pads to the longest of similar texts:
-    never more padding than one slice per side, and much less when lengths vary (Banking77).
+    Both sides of every pair are tokenized together and sorted by length into the slices, so each
+    slice pads to the longest of similar texts: never more padding than one slice per side, and
+    much less when lengths vary (Banking77).
     """
 
     def __init__(self, encoder: Encoder) -> None:
@@ -459,7 +460,10 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
     )  # fmt: skip
     dataloader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=PairCollator(encoder), num_workers=cfg.train.num_workers
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=TargetPairCollator(encoder),
+        num_workers=cfg.train.num_workers,
     )
     loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)
 
