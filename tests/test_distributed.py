@@ -89,3 +89,18 @@ def test_two_process_training_with_gradient_checkpointing_and_gathered_negatives
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs == pytest.approx([2e-5 * (6 - step) / 6 for step in range(1, 7)], rel=1e-9)
+
+
+def test_token_lengths_for_grouping_are_computed_in_shards_and_shared(tmp_path, tiny_bert_path):
+    out = tmp_path / "lengths.json"
+    _launch(os.path.join(HERE, "distributed", "map_sharded_check.py"), tiny_bert_path, out)
+    result = json.loads(out.read_text())
+    assert result["local_count"] == 19  # rank 0 computed items 0, 2, ..., 36 only
+    assert result["sharded"] == result["full"]
+    assert len(set(result["full"])) > 5  # the lengths differ, so a wrong order would show
+
+
+def test_map_sharded_on_one_process_is_a_plain_call():
+    from ember_train.training.distributed import map_sharded
+
+    assert map_sharded(lambda xs: [x * 2 for x in xs], range(5)) == [0, 2, 4, 6, 8]

@@ -30,6 +30,7 @@ from ember_train.export import export_encoder
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.training.checkpoint import load_model_weights
+from ember_train.training.distributed import map_sharded
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.loop import build_accelerator, train_loop
 
@@ -188,7 +189,9 @@ def make_dataloader(
         rank=rank,
         seed=cfg.seed,
         dedup_keys=[(e.query, e.positive) for e in examples],
-        lengths=grouping_lengths(examples, encoder) if cfg.data.group_by_length else None,
+        lengths=map_sharded(lambda shard: grouping_lengths(shard, encoder), examples)
+        if cfg.data.group_by_length
+        else None,
     )
     collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed)
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)

@@ -9,8 +9,14 @@ processes holding different numbers of rows (the last batch of an epoch).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def is_distributed() -> bool:
@@ -51,6 +57,25 @@ def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     sizes_list = [int(s.item()) for s in sizes]
     offset = sum(sizes_list[: dist.get_rank()])
     return _GatherWithGrad.apply(local, sizes_list), offset
+
+
+def map_sharded(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
+    """``fn(items)`` (one result per item, in order), each process computing every N-th item.
+
+    For per-item work that every process needs in full, such as the token lengths behind
+    length-grouped batching: N processes each do 1/N of it and exchange the results
+    (``all_gather_object``), instead of each doing all of it. On one process: ``fn(items)``.
+    """
+    if not is_distributed():
+        return fn(list(items))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local = fn(list(items[rank::world]))
+    shards: list[list[R] | None] = [None] * world
+    dist.all_gather_object(shards, local)
+    results: list[R] = [None] * len(items)  # type: ignore[list-item]
+    for r, shard in enumerate(shards):
+        results[r::world] = shard  # type: ignore[assignment]
+    return results
 
 
 def global_count(local_count: int, device: torch.device) -> int:
