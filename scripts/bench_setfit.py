@@ -143,7 +143,7 @@ def run_ember(
                     "train": write_jsonl(tmp_path / "train.jsonl", train),
                     "test": write_jsonl(tmp_path / "test.jsonl", test),
                 },
-                "pairs": {"num_iterations": args.num_iterations},
+                "pairs": {"num_iterations": args.num_iterations, "loss": args.loss},
                 "head": {"type": "logistic_regression", "C": 1.0, "max_iter": 1000},
                 "train": {
                     "epochs": 1,
@@ -178,6 +178,7 @@ def run_setfit_library(
     args: argparse.Namespace, train: LabelledTexts, test: LabelledTexts, seed: int
 ) -> dict[str, Any]:
     from datasets import Dataset
+    from sentence_transformers.losses import CoSENTLoss, CosineSimilarityLoss
     from setfit import SetFitModel, Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory(prefix="bench-setfit-") as tmp:
@@ -193,6 +194,7 @@ def run_setfit_library(
             num_iterations=args.num_iterations,
             body_learning_rate=args.learning_rate,
             warmup_proportion=0.1,
+            loss={"cosine_mse": CosineSimilarityLoss, "cosent": CoSENTLoss}[args.loss],
             seed=seed,
             report_to="none",
             save_strategy="no",
@@ -304,6 +306,12 @@ def main() -> int:
     parser.add_argument("--num-iterations", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument(
+        "--loss",
+        choices=["cosine_mse", "cosent"],
+        default="cosine_mse",
+        help="pair loss of (b) and (c): setfit's default CosineSimilarityLoss, or CoSENT (scale 20) for both",
+    )
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument(
         "--max-test", type=int, default=1000, help="seeded random test subsample (same for all)"
