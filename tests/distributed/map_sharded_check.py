@@ -19,7 +19,7 @@ accelerator = Accelerator(**cpu_process_group_kwargs())
 assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
 
 encoder = Encoder.from_pretrained(model_path, max_seq_length=16)
-words = "alpha beta gamma delta epsilon zeta eta theta".split()
+words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 examples = [
     PairExample(query=" ".join(words[: 1 + i % 3]), positive=" ".join(words * (1 + i % 4))[: 6 + 7 * i])
     for i in range(37)
@@ -34,7 +34,11 @@ def lengths_of(shard: list[PairExample]) -> list[int]:
 
 sharded = map_sharded(lengths_of, examples)
 if accelerator.is_main_process:
-    result = {"sharded": sharded, "local_count": len(local_queries), "full": grouping_lengths(examples, encoder)}
+    result = {
+        "sharded": sharded,
+        "local_count": len(local_queries),
+        "full": grouping_lengths(examples, encoder),
+    }
     with open(out_path, "w") as f:
         json.dump(result, f)
 accelerator.wait_for_everyone()
