@@ -70,13 +70,15 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
 
 
 @pytest.mark.slow
-def test_two_process_training_with_gradient_checkpointing_and_gathered_negatives(tmp_path, tiny_bert_path):
+def test_two_process_training_with_gradient_checkpointing_gathered_negatives_and_length_grouping(
+    tmp_path, tiny_bert_path
+):
     repo = os.path.dirname(HERE)
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(
         f"task: contrastive\noutput_dir: {tmp_path / 'run'}\n"
         f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 24}}\n"
-        f"data: {{train: {repo}/data/quickstart/train.jsonl, max_examples: 40}}\n"
+        f"data: {{train: {repo}/data/quickstart/train.jsonl, max_examples: 40, group_by_length: true}}\n"
         "loss: {gather_across_devices: true, symmetric: true}\n"
         "train: {batch_size: 4, epochs: 2, gradient_checkpointing: true, log_every: 1, gradient_accumulation_steps: 2}\n"
     )
@@ -88,6 +90,7 @@ def test_two_process_training_with_gradient_checkpointing_and_gathered_negatives
     # One schedule step per optimizer step (accelerate would step it once per process).
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "lr" in r]
+    assert all(0 <= r["padding_fraction"] < 1 for r in records if "lr" in r)  # length grouping reports it
     assert lrs == pytest.approx([2e-5 * (6 - step) / 6 for step in range(1, 7)], rel=1e-9)
 
 

@@ -182,6 +182,9 @@ def grouping_lengths(examples: list[PairExample], encoder: Encoder) -> list[int]
 def make_dataloader(
     examples: list[PairExample], encoder: Encoder, cfg: ContrastiveConfig, world_size: int, rank: int
 ) -> DataLoader:
+    lengths = None
+    if cfg.data.group_by_length:  # every process needs all lengths; each computes 1/N of them
+        lengths = map_sharded(lambda shard: grouping_lengths(shard, encoder), examples)
     sampler = ShardedBatchSampler(
         len(examples),
         cfg.train.batch_size,
@@ -189,9 +192,7 @@ def make_dataloader(
         rank=rank,
         seed=cfg.seed,
         dedup_keys=[(e.query, e.positive) for e in examples],
-        lengths=map_sharded(lambda shard: grouping_lengths(shard, encoder), examples)
-        if cfg.data.group_by_length
-        else None,
+        lengths=lengths,
     )
     collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed)
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
