@@ -52,6 +52,14 @@ def load_debian_pairs(path: Path, n: int, seed: int) -> list[dict]:
     return pairs[:n]
 
 
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the one-process step scripts that build batches with :func:`contrastive_batches`."""
+    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-length", type=int, default=128)
+
+
 def contrastive_batches(
     pairs_path: Path, *, batch_size: int, num_batches: int, max_length: int, group_by_length: bool, tmp: Path
 ) -> tuple[Any, Any, list[dict]]:

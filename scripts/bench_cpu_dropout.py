@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, contrastive_batches  # noqa: E402
+from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -41,10 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--max-length", type=int, default=128)
+    add_batch_arguments(parser)
     parser.add_argument("--group-by-length", action="store_true")
     args = parser.parse_args()
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, contrastive_batches  # noqa: E402
+from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -51,11 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12)
+    add_batch_arguments(parser)
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=15, help="top operators to print")
     parser.add_argument(
@@ -78,7 +75,7 @@ def main() -> None:
             args.pairs,
             batch_size=args.batch_size,
             num_batches=args.steps + args.warmup_steps,
-            max_length=args.max_seq_length,
+            max_length=args.max_length,
             group_by_length=True,
             tmp=Path(tmp),
         )
