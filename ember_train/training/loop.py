@@ -242,6 +242,8 @@ def train_loop(
                 )
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 extra = {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": state.epoch}
+                if accelerator.scaler is not None:  # fp16: a falling scale means overflows
+                    extra["loss_scale"] = accelerator.scaler.get_scale()
                 last_logged = metrics_logger.flush(state.step, extra)
                 progress.set_postfix(_postfix(last_logged))
             if evaluate is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The checks only a CUDA GPU can run, in one go, within a time budget (a lent GPU is short-lived):
+#
+#   PAIRS=path/to/debian/train.jsonl.gz BIG_MODEL=path/to/bert-large bash scripts/gpu_checks.sh OUT_DIR [SECONDS]
+#
+# 1. the GPU tests (bf16/fp16 training, gradient cache with CUDA dropout, DeepSpeed on one GPU);
+# 2. the rest of the fast test suite, which then trains on the GPU;
+# 3. contrastive throughput vs sentence-transformers on the GPU (packaged MiniLM);
+# 4. gradient-cache GPU memory at growing global batch, and its time overhead;
+# 5. throughput with BIG_MODEL (e.g. a random BERT-large), if set.
+# Each stage gets what is left of SECONDS (default 480) and writes OUT_DIR/<stage>.log.
+set -u
+OUT=${1:?output directory}
+BUDGET=${2:-480}
+PAIRS=${PAIRS:?PAIRS must name Debian train.jsonl.gz}
+mkdir -p "$OUT"
+DEADLINE=$(($(date +%s) + BUDGET))
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true
+
+stage() {  # stage NAME MAX_SECONDS COMMAND...
+    local name=$1 limit=$2 left
+    shift 2
+    left=$((DEADLINE - $(date +%s) - 5))
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then
+        echo "== $name: skipped (time budget spent)"
+        return
+    fi
+    echo "== $name (at most ${limit}s): $*"
+    local start=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $(($(date +%s) - start))s"
+}
+
+# -v -rA: each test's outcome is logged by name as it finishes, so a stage cut short still says which failed.
+stage gpu_tests 170 python3 -m pytest -v -rA -p no:cacheprovider -m gpu -s tests/test_gpu.py tests/test_grad_cache.py
+stage test_suite 150 python3 -m pytest -v -p no:cacheprovider -n 8 --timeout 200 tests \
+    --ignore tests/test_deepspeed.py --ignore tests/test_gpu.py --ignore tests/test_distributed.py \
+    --ignore tests/test_reliability_distributed.py  # 2-process tests hide the GPU: CPU runs, as in CI
+stage bench_minilm 130 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --num-pairs 8000 \
+    --batch-sizes 256 --steps 25 --warmup-steps 8 --repeats 3 --max-length 128 \
+    --variants ember:fp32,st:fp32,ember:bf16,st:bf16,ember:bf16+grouped,ember:fp16,st:fp16
+# chunk 32 = the smallest batch: every size then holds the same activations at once.
+stage grad_cache 100 python3 scripts/bench_grad_cache.py --pairs "$PAIRS" --batches 32,256,1024 \
+    --plain-batches 32,1024 --chunk 32 --max-length 128 --overhead-batch 1024 --steps 3 \
+    --overhead-repeats 1 --precision bf16
+
+if [[ -n "${BIG_MODEL:-}" ]]; then
+    stage bench_large 90 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --model "$BIG_MODEL" \
+        --num-pairs 4000 --batch-sizes 64 --steps 12 --warmup-steps 2 --repeats 1 --max-length 128 \
+        --variants ember:bf16,st:bf16,ember:bf16+grouped
+fi
+
+for log in "$OUT"/*.log; do
+    echo "---- $(basename "$log"): last lines"
+    grep -v -i "warn" "$log" | tail -n 25
+done
