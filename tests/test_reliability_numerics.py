@@ -158,8 +158,11 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, capl
     assert all(torch.equal(after_overflows[k], initial[k]) for k in initial)
     assert not all(torch.equal(final[k], initial[k]) for k in initial)
     assert all(torch.isfinite(v).all() for v in final.values())
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    lrs = {step: r["lr"] for step, r in records.items()}
     assert lrs[1] == lrs[2] == lrs[3] == 1e-2 and lrs[4] < 1e-2
+    # The logs show the scale falling with each overflow, then holding.
+    assert [records[step]["loss_scale"] for step in range(1, 7)] == [2.0**15, 2.0**14] + [2.0**13] * 4
 
 
 def test_cli_reports_the_stop_in_one_line(tmp_path, tiny_bert_path, monkeypatch, capsys):
