@@ -124,3 +124,29 @@ def test_cli_train_and_export_checkpoint(tmp_path, tiny_bert_path):
     assert bad.returncode == 2
     assert "unknown key 'train.batchsize'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_data_loader_workers_change_nothing_but_where_batches_are_made(tmp_path, tiny_bert_path):
+    """``train.num_workers > 0`` tokenizes in worker processes (on GPUs, alongside the step): the
+    same batches in the same order, so the same losses and weights as tokenizing in the main process."""
+    runs = {}
+    for workers in (0, 2):
+        path = tmp_path / f"workers{workers}.yaml"
+        path.write_text(
+            f"task: contrastive\noutput_dir: {tmp_path / f'w{workers}'}\nseed: 7\n"
+            f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 32}}\n"
+            f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 64, group_by_length: true}}\n"
+            "train: {batch_size: 8, epochs: 2, learning_rate: 1.0e-3, log_every: 1, resume: none,"
+            f" num_workers: {workers}}}\n"
+        )
+        contrastive.run(load_config(str(path)))
+        records = [
+            json.loads(line) for line in (tmp_path / f"w{workers}" / "metrics.jsonl").read_text().splitlines()
+        ]
+        runs[workers] = (
+            [(r["step"], r["loss"], r["padding_fraction"]) for r in records if "loss" in r],
+            _weights(tmp_path / f"w{workers}"),
+        )
+    (losses0, weights0), (losses2, weights2) = runs[0], runs[2]
+    assert len(losses0) == 16 and losses2 == losses0
+    assert all(torch.equal(weights0[k], weights2[k]) for k in weights0)
