@@ -5,7 +5,8 @@
 #
 # 1. the GPU tests (bf16/fp16 training, gradient cache with CUDA dropout, DeepSpeed on one GPU);
 # 2. the rest of the fast test suite, which then trains on the GPU;
-# 3. contrastive throughput vs sentence-transformers on the GPU (packaged MiniLM);
+# 3. contrastive throughput vs sentence-transformers on the GPU (packaged MiniLM; also with
+#    data-loader workers);
 # 4. gradient-cache GPU memory at growing global batch, and its time overhead;
 # 5. throughput with BIG_MODEL (e.g. a random BERT-large), if set.
 # Each stage gets what is left of SECONDS (default 480) and writes OUT_DIR/<stage>.log.
@@ -40,6 +41,10 @@ stage test_suite 150 python3 -m pytest -v -p no:cacheprovider -n 8 --timeout 200
 stage bench_minilm 130 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --num-pairs 8000 \
     --batch-sizes 256 --steps 25 --warmup-steps 8 --repeats 3 --max-length 128 \
     --variants ember:fp32,st:fp32,ember:bf16,st:bf16,ember:bf16+grouped,ember:fp16,st:fp16
+# Tokenizing in data-loader workers on both sides: does it close ember-train's gap on a small model?
+stage bench_minilm_workers 80 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --num-pairs 8000 \
+    --batch-sizes 256 --steps 25 --warmup-steps 8 --repeats 2 --max-length 128 --num-workers 2 \
+    --variants ember:bf16,st:bf16
 # chunk 32 = the smallest batch: every size then holds the same activations at once.
 stage grad_cache 100 python3 scripts/bench_grad_cache.py --pairs "$PAIRS" --batches 32,256,1024 \
     --plain-batches 32,1024 --chunk 32 --max-length 128 --overhead-batch 1024 --steps 3 \
