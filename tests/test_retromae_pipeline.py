@@ -108,6 +108,26 @@ def test_loss_decreases_and_both_losses_are_logged(small_bert, tmp_path):
     assert results["eval_after"]["dec_mlm_acc"] > results["eval_before"]["dec_mlm_acc"]
 
 
+def test_data_loader_workers_change_nothing(small_bert, tmp_path):
+    """The shipped BERT-base config masks in 4 workers: masks are keyed by (seed, epoch, batch,
+    rank), not by the process that draws them, so workers give the same run, resume included."""
+    run(make_cfg(small_bert, tmp_path / "main", export={"enabled": False}))
+    run(make_cfg(small_bert, tmp_path / "workers", train={"num_workers": 2}, export={"enabled": False}))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "main" / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003"
+    )
+    run(make_cfg(small_bert, resumed, train={"resume": "auto", "num_workers": 2}, export={"enabled": False}))
+
+    main, workers, after_resume = (train_records(tmp_path / n) for n in ("main", "workers", "resumed"))
+    assert sorted(main) == sorted(workers) == list(range(1, 7)) and sorted(after_resume) == [4, 5, 6]
+    for step in range(1, 7):
+        assert workers[step]["loss"] == main[step]["loss"], step
+    for step in (4, 5, 6):
+        assert after_resume[step]["loss"] == pytest.approx(main[step]["loss"], abs=1e-5), step
+
+
 def test_resume_gives_the_same_next_steps_as_not_stopping(small_bert, tmp_path):
     straight = tmp_path / "straight"
     run(make_cfg(small_bert, straight, export={"enabled": False}))

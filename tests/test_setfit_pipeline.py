@@ -191,6 +191,18 @@ def test_predict_command_prints_json_lines(tiny_bert_path, tmp_path, capsys):
     assert all(r["label"] in TOPICS and set(r["proba"]) == set(TOPICS) for r in lines)
 
 
+def test_data_loader_workers_change_nothing(tiny_bert_path, tmp_path):
+    """Pairs are drawn and batched in the main process; workers only tokenize: the same run."""
+    losses = {}
+    for workers in (0, 2):
+        (tmp_path / f"w{workers}").mkdir()
+        cfg = make_cfg(tiny_bert_path, tmp_path / f"w{workers}", train={"num_workers": workers})
+        run(cfg)
+        metrics = (tmp_path / f"w{workers}" / "run" / "metrics.jsonl").read_text().splitlines()
+        losses[workers] = [(r["step"], r["loss"]) for r in map(json.loads, metrics) if "loss" in r]
+    assert len(losses[0]) == 12 and losses[2] == losses[0]
+
+
 def test_config_file_and_validation(tmp_path):
     cfg = load_config(str(REPO / "configs" / "setfit_quick.yaml"))
     assert isinstance(cfg, SetFitConfig) and cfg.pairs.num_iterations == 5
