@@ -125,10 +125,11 @@ def main() -> None:
 
         import torch
 
-        memory = "GPU peak allocated" if torch.cuda.is_available() else "peak RSS"
+        cuda = torch.cuda.is_available()
+        memory = "GPU peak allocated" if cuda else "peak RSS"
         print(
             f"max_length {args.max_length}, chunk {args.chunk}, {args.steps} steps per run (first not timed), "
-            f"precision {args.precision}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+            f"precision {args.precision}, {torch.cuda.get_device_name() if cuda else 'CPU'}"
         )
         print(f"\n| global batch | grad cache {memory} (MiB) | plain {memory} (MiB) |\n|---|---|---|")
         cached_peaks = []
