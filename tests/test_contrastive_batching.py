@@ -1,5 +1,7 @@
 """Contrastive batches: length-sorted slices per side give the same loss as one padded batch, with less padding."""
 
+import itertools
+import random
 from contextlib import nullcontext
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from ember_train.data.pairs import PairCollator, PairExample, token_counts
 from ember_train.encoder import Encoder, restore_order
+from ember_train.encoder.encoder import padding_optimal_cuts
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.pipelines.contrastive import make_loss_step
 from ember_train.training.grad_cache import StepContext
@@ -52,6 +55,27 @@ def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, 
     assert metrics["tokens"] == one_batch["tokens"]
     assert metrics["padding_tokens"] < one_batch["padding_tokens"]
     assert metrics["samples"] == len(EXAMPLES)
+
+
+def _padded(lengths: list[int], ends: list[int]) -> int:
+    return sum((end - start) * lengths[end - 1] for start, end in zip([0, *ends], ends, strict=False))
+
+
+def test_slices_are_cut_where_padding_is_least():
+    """Against every way of cutting, on random sorted lengths; always min(k, n) non-empty slices."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n, k = rng.randint(1, 12), rng.randint(1, 4)
+        lengths = sorted(rng.randint(1, 6) for _ in range(n))
+        ends = padding_optimal_cuts(lengths, k)
+        assert len(ends) == min(k, n) and ends[-1] == n
+        assert all(a < b for a, b in zip([0, *ends], ends, strict=False))
+        best = min(_padded(lengths, [*cut, n]) for cut in itertools.combinations(range(1, n), min(k, n) - 1))
+        assert _padded(lengths, ends) == best
+    # A few long texts get a slice of their own instead of padding half the batch.
+    lengths = [8] * 30 + [120, 128]
+    assert padding_optimal_cuts(lengths, 2) == [30, 32]
+    assert _padded(lengths, [30, 32]) < _padded(lengths, [16, 32])
 
 
 def test_restore_order_undoes_the_length_sort(tiny_bert_path):

@@ -7,7 +7,6 @@ one stage is the starting point of the next and the exported vectors are the tra
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -69,6 +68,42 @@ def resolve_model_path(name_or_path: str | Path) -> str:
             f"{name}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
         )
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int) -> list[int]:
+    """Where to cut ascending lengths into ``min(num_slices, n)`` non-empty slices, padding least.
+
+    Each slice pads to its last (longest) length, so a slice ``[i, j)`` costs
+    ``(j - i) * sorted_lengths[j - 1]`` tokens. Returns the slices' exclusive ends (the last is
+    ``n``). The slice count depends only on ``n``, so processes that run one forward per slice
+    stay in step. Cuts save padding only where the length changes; a dynamic program over those
+    positions (at most one per distinct length, plus the equal-size cuts so that ``k`` slices
+    always exist) finds the cheapest set.
+    """
+    n = len(sorted_lengths)
+    k = min(num_slices, n)
+    if k <= 1:
+        return [n] if n else []
+    changes = {i for i in range(1, n) if sorted_lengths[i - 1] != sorted_lengths[i]}
+    candidates = sorted(changes | {i * n // k for i in range(1, k)})
+    points = torch.tensor([0, *candidates, n], dtype=torch.float64)
+    longest = torch.tensor(
+        [0, *(sorted_lengths[p - 1] for p in candidates), sorted_lengths[-1]], dtype=torch.float64
+    )
+    # cost[i, j]: one slice from points[i] to points[j] (i < j); infinite otherwise.
+    cost = (points[None, :] - points[:, None]) * longest[None, :]
+    cost = cost.masked_fill(~torch.ones_like(cost, dtype=torch.bool).triu(1), float("inf"))
+    best = cost[0]  # best[j]: cheapest cover of [0, points[j]) with the slices so far
+    choices = []
+    for _ in range(k - 1):
+        totals = best[:, None] + cost
+        best, argbest = totals.min(dim=0)
+        choices.append(argbest)
+    ends, j = [n], len(candidates) + 1
+    for argbest in reversed(choices):
+        j = int(argbest[j])
+        ends.append(int(points[j]))
+    return ends[::-1]
 
 
 def restore_order(sorted_embeddings: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
@@ -183,23 +218,25 @@ class Encoder(nn.Module):
     def tokenize_by_length(
         self, texts: Sequence[str], kind: TextKind | None = None, num_chunks: int = 2
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """Sort by token length and pad each of ``num_chunks`` equal slices to its own longest.
+        """Sort by token length and pad each of ``num_chunks`` slices to its own longest text.
 
         Returns the slices and ``order``: the rows of the slices, concatenated, are
-        ``texts[order]``. A batch mixing short and long texts pads far less this way, and among
-        splits into equal slices the length-sorted one pads least. Tokenizes once: each slice is
-        the batch's rows with the columns beyond its longest text cut off.
+        ``texts[order]``. A batch mixing short and long texts pads far less this way; the slices
+        are cut where the padded total is smallest (:func:`padding_optimal_cuts`), so a few long
+        texts get a slice of their own instead of padding half the batch. Tokenizes once: each
+        slice is the batch's rows with the columns beyond its longest text cut off.
         """
         features = self.tokenize(texts, kind)
         lengths = features["attention_mask"].sum(dim=1)
         order = torch.argsort(lengths, stable=True)
-        size = math.ceil(len(texts) / max(num_chunks, 1))
+        sorted_lengths = lengths[order].tolist()
         left = self.tokenizer.padding_side == "left"
-        chunks = []
-        for rows in order.split(size):
-            width = int(lengths[rows].max())
+        chunks, start = [], 0
+        for end in padding_optimal_cuts(sorted_lengths, num_chunks):
+            rows, width = order[start:end], sorted_lengths[end - 1]
             columns = slice(-width, None) if left else slice(0, width)
             chunks.append({k: v[rows][:, columns] for k, v in features.items()})
+            start = end
         return chunks, order
 
     def token_lengths(
