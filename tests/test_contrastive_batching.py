@@ -72,6 +72,19 @@ def test_slices_are_cut_where_padding_is_least():
         assert all(a < b for a, b in zip([0, *ends], ends, strict=False))
         best = min(_padded(lengths, [*cut, n]) for cut in itertools.combinations(range(1, n), min(k, n) - 1))
         assert _padded(lengths, ends) == best
+    # With the gradient cache's chunk size c, cuts fall on multiples of c (equal cuts when there
+    # are none), so every process runs ceil(n / c) chunks whatever the lengths.
+    for _ in range(300):
+        n, c = rng.randint(1, 40), rng.randint(2, 8)
+        lengths = sorted(rng.randint(1, 30) for _ in range(n))
+        ends = padding_optimal_cuts(lengths, 2, multiple_of=c)
+        sizes = [b - a for a, b in zip([0, *ends], ends, strict=False)]
+        chunks = sum(-(-size // c) for size in sizes)
+        assert chunks == (-(-n // c) if n > c else min(2, n))
+        if n > c:
+            assert ends[0] % c == 0
+            options = [[m, n] for m in range(c, n, c)]
+            assert _padded(lengths, ends) == min(_padded(lengths, cut) for cut in options)
     # A few long texts get a slice of their own instead of padding half the batch.
     lengths = [8] * 30 + [120, 128]
     assert padding_optimal_cuts(lengths, 2) == [30, 32]

@@ -135,10 +135,13 @@ class PairCollator:
     (:func:`~ember_train.encoder.restore_order`).
     """
 
-    def __init__(self, encoder: Encoder, num_negatives: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, cut_multiple_of: int = 1
+    ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
+        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
 
     def _negatives(self, example: PairExample) -> list[str]:
         negatives = example.negatives
@@ -154,8 +157,12 @@ class PairCollator:
         if self.num_negatives:
             for e in examples:
                 documents.extend(self._negatives(e))
-        queries, query_order = self.encoder.tokenize_by_length([e.query for e in examples], kind="query")
-        documents, document_order = self.encoder.tokenize_by_length(documents, kind="document")
+        queries, query_order = self.encoder.tokenize_by_length(
+            [e.query for e in examples], kind="query", cut_multiple_of=self.cut_multiple_of
+        )
+        documents, document_order = self.encoder.tokenize_by_length(
+            documents, kind="document", cut_multiple_of=self.cut_multiple_of
+        )
         return {
             "query": queries,
             "query_order": query_order,

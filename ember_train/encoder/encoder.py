@@ -70,7 +70,7 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
-def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int) -> list[int]:
+def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int, multiple_of: int = 1) -> list[int]:
     """Where to cut ascending lengths into ``min(num_slices, n)`` non-empty slices, padding least.
 
     Each slice pads to its last (longest) length, so a slice ``[i, j)`` costs
@@ -79,13 +79,22 @@ def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int) -> list
     stay in step. Cuts save padding only where the length changes; a dynamic program over those
     positions (at most one per distinct length, plus the equal-size cuts so that ``k`` slices
     always exist) finds the cheapest set.
+
+    ``multiple_of > 1`` allows only cuts at multiples of it (equal-size cuts when there are too
+    few): with the gradient cache's chunk size, every process then runs ``ceil(n / chunk)``
+    chunks whatever its texts' lengths, which DeepSpeed's per-backward collectives need.
     """
     n = len(sorted_lengths)
     k = min(num_slices, n)
     if k <= 1:
         return [n] if n else []
-    changes = {i for i in range(1, n) if sorted_lengths[i - 1] != sorted_lengths[i]}
-    candidates = sorted(changes | {i * n // k for i in range(1, k)})
+    equal = {i * n // k for i in range(1, k)}
+    if multiple_of > 1:
+        multiples = set(range(multiple_of, n, multiple_of))
+        candidates = sorted(multiples if len(multiples) >= k - 1 else equal)
+    else:
+        changes = {i for i in range(1, n) if sorted_lengths[i - 1] != sorted_lengths[i]}
+        candidates = sorted(changes | equal)
     points = torch.tensor([0, *candidates, n], dtype=torch.float64)
     longest = torch.tensor(
         [0, *(sorted_lengths[p - 1] for p in candidates), sorted_lengths[-1]], dtype=torch.float64
@@ -216,15 +225,20 @@ class Encoder(nn.Module):
         )
 
     def tokenize_by_length(
-        self, texts: Sequence[str], kind: TextKind | None = None, num_chunks: int = 2
+        self,
+        texts: Sequence[str],
+        kind: TextKind | None = None,
+        num_chunks: int = 2,
+        cut_multiple_of: int = 1,
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
         """Sort by token length and pad each of ``num_chunks`` slices to its own longest text.
 
         Returns the slices and ``order``: the rows of the slices, concatenated, are
         ``texts[order]``. A batch mixing short and long texts pads far less this way; the slices
         are cut where the padded total is smallest (:func:`padding_optimal_cuts`), so a few long
-        texts get a slice of their own instead of padding half the batch. Tokenizes once: each
-        slice is the batch's rows with the columns beyond its longest text cut off.
+        texts get a slice of their own instead of padding half the batch (``cut_multiple_of``:
+        see :func:`padding_optimal_cuts`). Tokenizes once: each slice is the batch's rows with the
+        columns beyond its longest text cut off.
         """
         features = self.tokenize(texts, kind)
         lengths = features["attention_mask"].sum(dim=1)
@@ -232,7 +246,7 @@ class Encoder(nn.Module):
         sorted_lengths = lengths[order].tolist()
         left = self.tokenizer.padding_side == "left"
         chunks, start = [], 0
-        for end in padding_optimal_cuts(sorted_lengths, num_chunks):
+        for end in padding_optimal_cuts(sorted_lengths, num_chunks, cut_multiple_of):
             rows, width = order[start:end], sorted_lengths[end - 1]
             columns = slice(-width, None) if left else slice(0, width)
             chunks.append({k: v[rows][:, columns] for k, v in features.items()})

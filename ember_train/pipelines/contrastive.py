@@ -194,7 +194,12 @@ def make_dataloader(
         dedup_keys=[(e.query, e.positive) for e in examples],
         lengths=lengths,
     )
-    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed)
+    collate = PairCollator(
+        encoder,
+        num_negatives=cfg.loss.num_negatives,
+        seed=cfg.seed,
+        cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
+    )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 

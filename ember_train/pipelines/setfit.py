@@ -154,12 +154,15 @@ class TargetPairCollator:
     much less when lengths vary (Banking77).
     """
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Encoder, cut_multiple_of: int = 1) -> None:
         self.encoder = encoder
+        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        chunks, order = self.encoder.tokenize_by_length(texts, num_chunks=2)
+        chunks, order = self.encoder.tokenize_by_length(
+            texts, num_chunks=2, cut_multiple_of=self.cut_multiple_of
+        )
         return {
             "chunks": chunks,
             "order": order,
@@ -462,7 +465,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=TargetPairCollator(encoder),
+        collate_fn=TargetPairCollator(encoder, cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1)),
         num_workers=cfg.train.num_workers,
     )
     loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)
