@@ -142,6 +142,20 @@ def test_zero_gradient_cache_equals_ddp_gradient_cache(runs, zero_stage):
     _assert_same_weights(_weights(runs(None, 2) / "final"), _weights(runs(zero_stage, 2) / "final"))
 
 
+def test_zero_gradient_cache_with_an_uneven_last_batch(tmp_path, tiny_bert_path):
+    """43 pairs, global batch 8: the last batch gives the processes 1 and 2 pairs, so they embed
+    different numbers of chunks; the one with fewer replays a zero-gradient chunk (DeepSpeed
+    reduces at every backward, so a count mismatch hung), and the weights equal DDP's."""
+    final = {}
+    for name, stage in (("ddp", None), ("zero2", 2)):
+        config = _config(tmp_path, name, tiny_bert_path, epochs=1, grad_cache_chunk_size=2)
+        config.write_text(config.read_text().replace("max_examples: 40", "max_examples: 43"))
+        _train(config, stage)
+        final[name] = _weights(tmp_path / name / "final")
+        assert len(_records(tmp_path / name)) == 6  # 5 full batches and the uneven last one
+    _assert_same_weights(final["ddp"], final["zero2"])
+
+
 def test_zero3_resume_is_exact_and_checkpoints_export(runs, tmp_path, tiny_bert_path):
     uninterrupted = runs(3)
     resumed = tmp_path / "resumed"

@@ -95,13 +95,28 @@ def grad_cache_step(
     # 3. Replay each chunk with a graph and push the cached gradient into the parameters.
     # Only the very last backward of a syncing micro-step all-reduces (DDP); the rest accumulate.
     jobs = [(g, c) for g in range(len(chunked)) for c in range(len(chunked[g]))]
-    for job, (g, c) in enumerate(jobs):
-        last = job == len(jobs) - 1
+    total = _most_jobs_of_any_process(len(jobs), device)
+    for job in range(total):
+        last = job == total - 1
+        # A process with fewer chunks (a smaller last batch) replays its last chunk with a zero
+        # gradient: DeepSpeed reduces at every backward, so all processes must run as many.
+        g, c = jobs[min(job, len(jobs) - 1)]
         states[g][c].restore()
         with ctx.no_sync() if not (last and ctx.sync) else nullcontext():
             output = model(chunked[g][c])
             start = c * chunk_size
             grad = cached[g][start : start + output.shape[0]].to(output.dtype)
-            ctx.backward((output * grad).sum())
+            ctx.backward((output * (grad if job < len(jobs) else torch.zeros_like(grad))).sum())
     rng_after.restore()  # continue the RNG stream as if the chunks had run once
     return loss.detach()
+
+
+def _most_jobs_of_any_process(jobs: int, device: torch.device) -> int:
+    """The largest chunk count over all processes (``jobs`` itself on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return jobs
+    if torch.distributed.get_world_size() == 1:
+        return jobs
+    count = torch.tensor([jobs], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
