@@ -51,11 +51,11 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """
     numel = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    threshold = np.int16(round(keep_probability(p) * _LEVELS) - _LEVELS // 2)
     with torch.profiler.record_function("ember_train::keep_mask"):  # NumPy time shows in profiles
-        words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
-    halves = torch.from_numpy(words.view(np.int16))[:numel]
-    threshold = round(keep_probability(p) * _LEVELS) - _LEVELS // 2
-    return (halves < threshold).view(shape)
+        halves = np.random.PCG64(seed).random_raw((numel + 3) // 4).view(np.int16)[:numel]
+        keep = np.less(halves, threshold)  # NumPy's int16 compare: ~8x torch's here
+    return torch.from_numpy(keep).view(shape)
 
 
 class _ScaleByMask(torch.autograd.Function):
