@@ -81,8 +81,9 @@ def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int, multipl
     always exist) finds the cheapest set.
 
     ``multiple_of > 1`` allows only cuts at multiples of it (equal-size cuts when there are too
-    few): with the gradient cache's chunk size, every process then runs ``ceil(n / chunk)``
-    chunks whatever its texts' lengths, which DeepSpeed's per-backward collectives need.
+    few): with the gradient cache's chunk size, no chunk is split by a cut, so every process runs
+    ``ceil(n / chunk)`` chunks whatever its texts' lengths (processes with more chunks would make
+    the others replay zero-gradient chunks to stay in step, see ``grad_cache_step``).
     """
     n = len(sorted_lengths)
     k = min(num_slices, n)

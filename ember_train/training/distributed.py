@@ -78,12 +78,14 @@ def map_sharded(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]
     return results
 
 
-def global_count(local_count: int, device: torch.device) -> int:
-    """Sum of ``local_count`` over processes (the global batch size)."""
+def global_count(
+    local_count: int, device: torch.device, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> int:
+    """Sum of ``local_count`` over processes (the global batch size); ``op=MAX``: the largest."""
     if not is_distributed():
         return local_count
     t = torch.tensor([local_count], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return int(t.item())
 
 

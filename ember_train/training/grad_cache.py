@@ -20,7 +20,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from ember_train.training.distributed import global_count
 
 
 @dataclass
@@ -95,7 +98,7 @@ def grad_cache_step(
     # 3. Replay each chunk with a graph and push the cached gradient into the parameters.
     # Only the very last backward of a syncing micro-step all-reduces (DDP); the rest accumulate.
     jobs = [(g, c) for g in range(len(chunked)) for c in range(len(chunked[g]))]
-    total = _most_jobs_of_any_process(len(jobs), device)
+    total = global_count(len(jobs), device, op=dist.ReduceOp.MAX)
     for job in range(total):
         last = job == total - 1
         # A process with fewer chunks (a smaller last batch) replays its last chunk with a zero
@@ -109,14 +112,3 @@ def grad_cache_step(
             ctx.backward((output * (grad if job < len(jobs) else torch.zeros_like(grad))).sum())
     rng_after.restore()  # continue the RNG stream as if the chunks had run once
     return loss.detach()
-
-
-def _most_jobs_of_any_process(jobs: int, device: torch.device) -> int:
-    """The largest chunk count over all processes (``jobs`` itself on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return jobs
-    if torch.distributed.get_world_size() == 1:
-        return jobs
-    count = torch.tensor([jobs], device=device)
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    return int(count.item())
