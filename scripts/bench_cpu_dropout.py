@@ -7,9 +7,14 @@
    ``F.dropout`` against ember-train's ``fast_dropout`` (median of 10).
 2. Padding of the contrastive batches per side: one padded batch against two length-sorted
    slices (what ``PairCollator`` does).
-3. Training steps A/B: two copies of the packaged all-MiniLM-L6-v2, one with PyTorch's dropout
-   and one with ``use_fast_cpu_dropout``, stepped alternately on the same batches (the first
-   step of each not counted), so machine noise hits both.
+3. Training steps A/B: two copies of the packaged all-MiniLM-L6-v2, one with
+   ``use_fast_cpu_dropout`` and one with PyTorch's dropout, stepped alternately on the same
+   batches (the first step of each not counted), so machine noise hits both. ``--versus`` swaps
+   the second copy for the fast-dropout model with some dropout switched off, to measure what
+   dropout costs (measurement only: not training options):
+
+    python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+        --max-length 128 --group-by-length --steps 13 --versus no-dropout
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ def main() -> None:
     )
     add_batch_arguments(parser)
     parser.add_argument("--group-by-length", action="store_true")
+    parser.add_argument(
+        "--versus",
+        default="torch-dropout",
+        choices=["torch-dropout", "no-dropout", "no-hidden-dropout", "no-attention-dropout"],
+        help="the model stepped against fast_cpu_dropout",
+    )
     args = parser.parse_args()
 
     import torch
@@ -69,9 +80,18 @@ def main() -> None:
         )
     fast_encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
     use_fast_cpu_dropout(fast_encoder)
+    other = torch_encoder
+    if args.versus != "torch-dropout":
+        use_fast_cpu_dropout(other)
+        for name, module in other.named_modules():
+            attention = name.endswith("attention.self.dropout")  # BERT's attention-probability dropout
+            if isinstance(module, torch.nn.Dropout) and (
+                args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout")
+            ):
+                module.p = 0.0
     models = {
         name: (enc, build_optimizer(enc, cfg.train))
-        for name, enc in (("torch", torch_encoder), ("fast", fast_encoder))
+        for name, enc in (("torch", other), ("fast", fast_encoder))
     }
 
     for side in ("query", "documents"):
@@ -100,8 +120,8 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
     plain, fast = sum(seconds["torch"][1:]), sum(seconds["fast"][1:])
     print(
-        f"{len(batches) - 1} steps: PyTorch dropout {plain:.2f} s, fast_cpu_dropout {fast:.2f} s, "
-        f"speed-up {plain / fast:.3f}x"
+        f"{len(batches) - 1} steps: {args.versus} {plain:.2f} s, fast_cpu_dropout {fast:.2f} s, "
+        f"time ratio {plain / fast:.3f}x"
     )
 
 
