@@ -64,15 +64,28 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--padded",
+        action="store_true",
+        help="padded slices instead of packed rows (train.pack_sequences: false)",
+    )
 
 
 def contrastive_batches(
-    pairs_path: Path, *, batch_size: int, num_batches: int, max_length: int, group_by_length: bool, tmp: Path
+    pairs_path: Path,
+    *,
+    batch_size: int,
+    num_batches: int,
+    max_length: int,
+    group_by_length: bool,
+    tmp: Path,
+    pack: bool = True,
 ) -> tuple[Any, Any, list[dict]]:
     """The contrastive pipeline's own batches over ``batch_size x num_batches`` Debian pairs.
 
     Returns the run config, a fresh packaged-MiniLM encoder (its tokenizer made the batches) and
-    the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes them.
+    the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes
+    them on CPU: packed (padding-free) rows, or with ``pack=False`` two padded slices per side.
     """
     from ember_train.config import load_config
     from ember_train.data.pairs import load_pairs
@@ -92,7 +105,7 @@ def contrastive_batches(
     cfg = load_config(str(cfg_path))
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
     examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
-    return cfg, encoder, list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0))
+    return cfg, encoder, list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0, pack=pack))
 
 
 def bench_ember(
@@ -107,6 +120,7 @@ def bench_ember(
     processes: int = 1,
     threads: int | None = None,
     fast_cpu_dropout: bool = True,
+    packed: bool = True,
     model: str = MODEL,
     num_workers: int = 0,
 ) -> float:
@@ -125,7 +139,8 @@ def bench_ember(
         f"loss: {{temperature: 0.05, gather_across_devices: {str(processes > 1).lower()}}}\n"
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
         f" mixed_precision: '{'no' if precision == 'fp32' else precision}', keep_checkpoints: 1,"
-        f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}, num_workers: {num_workers}}}\n"
+        f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}, num_workers: {num_workers},"
+        f" pack_sequences: {'auto' if packed else 'false'}}}\n"
         "export: {enabled: false}\n"
     )
     if processes == 1 and threads is None:
@@ -307,21 +322,23 @@ class Variant(NamedTuple):
     processes: int
     threads: int | None
     fast_cpu_dropout: bool
+    packed: bool
 
 
 def parse_variant(spec: str) -> Variant:
-    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True).
+    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True, True).
 
     Extras (ember-train only): ``grouped`` (length-aware batching), ``2proc`` (two processes with
     one thread each, gathered negatives), ``1thread`` (one process, one torch thread),
-    ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``).
+    ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``), ``padded``
+    (two padded length-sorted slices per side instead of packed rows: ``train.pack_sequences: false``).
     """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
     if (
         side not in ("ember", "st")
         or precision not in PRECISIONS
-        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout"}
+        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded"}
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
     if side == "st" and extras:
@@ -335,6 +352,7 @@ def parse_variant(spec: str) -> Variant:
         processes=2 if "2proc" in extras else 1,
         threads=1 if "1thread" in extras else None,
         fast_cpu_dropout="torchdropout" not in extras,
+        packed="padded" not in extras,
     )
 
 
@@ -405,6 +423,7 @@ def main() -> None:
                                 variant.processes,
                                 variant.threads,
                                 variant.fast_cpu_dropout,
+                                variant.packed,
                                 args.model,
                                 args.num_workers,
                             )

@@ -9,9 +9,11 @@
    slices (what ``PairCollator`` does).
 3. Training steps A/B: two copies of the packaged all-MiniLM-L6-v2, one with
    ``use_fast_cpu_dropout`` and one with PyTorch's dropout, stepped alternately on the same
-   batches (the first step of each not counted), so machine noise hits both. ``--versus`` swaps
-   the second copy for the fast-dropout model with some dropout switched off, to measure what
-   dropout costs (measurement only: not training options):
+   batches (packed rows, as training on CPU; ``--padded`` for padded slices; the first step of
+   each not counted), so machine noise hits both. ``--versus`` swaps the second copy for the
+   fast-dropout model with some dropout switched off, to measure what dropout costs (measurement
+   only: not training options), or (``--versus padded``) for the same model on padded slices of
+   the same pairs, to measure what packing gains:
 
     python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --max-length 128 --group-by-length --steps 13 --versus no-dropout
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument(
         "--versus",
         default="torch-dropout",
-        choices=["torch-dropout", "no-dropout", "no-hidden-dropout", "no-attention-dropout"],
+        choices=["torch-dropout", "no-dropout", "no-hidden-dropout", "no-attention-dropout", "padded"],
         help="the model stepped against fast_cpu_dropout",
     )
     args = parser.parse_args()
@@ -59,9 +61,9 @@ def main() -> None:
     import torch
 
     from ember_train.encoder import Encoder
+    from ember_train.encoder.fast_dropout import fast_dropout, use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_loss_step
-    from ember_train.training.fast_dropout import fast_dropout, use_fast_cpu_dropout
     from ember_train.training.loop import build_optimizer
 
     x = torch.randn(32, 12, 128, 128)
@@ -69,38 +71,47 @@ def main() -> None:
     fast_ms = median_ms(lambda: fast_dropout(x, 0.1))
     print(f"mask of {x.numel():,} elements: F.dropout {torch_ms:.1f} ms, fast_dropout {fast_ms:.1f} ms")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg, torch_encoder, batches = contrastive_batches(
-            args.pairs,
-            batch_size=args.batch_size,
-            num_batches=args.steps,
-            max_length=args.max_length,
-            group_by_length=args.group_by_length,
-            tmp=Path(tmp),
-        )
+    def make_batches(pack: bool):
+        with tempfile.TemporaryDirectory() as tmp:
+            return contrastive_batches(
+                args.pairs,
+                batch_size=args.batch_size,
+                num_batches=args.steps,
+                max_length=args.max_length,
+                group_by_length=args.group_by_length,
+                tmp=Path(tmp),
+                pack=pack,
+            )
+
+    cfg, torch_encoder, padded_batches = make_batches(pack=False)
+    batches = padded_batches if args.padded else make_batches(pack=True)[2]
     fast_encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
     use_fast_cpu_dropout(fast_encoder)
     other = torch_encoder
-    if args.versus != "torch-dropout":
+    if args.versus != "torch-dropout":  # the same fast-dropout model, with less dropout or padded
         use_fast_cpu_dropout(other)
         for name, module in other.named_modules():
             attention = name.endswith("attention.self.dropout")  # BERT's attention-probability dropout
-            if isinstance(module, torch.nn.Dropout) and (
-                args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout")
+            if (
+                args.versus != "padded"
+                and isinstance(module, torch.nn.Dropout)
+                and (args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout"))
             ):
                 module.p = 0.0
+    other_batches = padded_batches if args.versus == "padded" else batches
     models = {
-        name: (enc, build_optimizer(enc, cfg.train))
-        for name, enc in (("torch", other), ("fast", fast_encoder))
+        name: (enc, build_optimizer(enc, cfg.train), steps)
+        for name, enc, steps in (("torch", other, other_batches), ("fast", fast_encoder, batches))
     }
 
     for side in ("query", "documents"):
         order = "query_order" if side == "query" else "document_order"
-        real = sum(int(s["attention_mask"].sum()) for b in batches for s in b[side])
+        real = sum(int(s["attention_mask"].sum()) for b in padded_batches for s in b[side])
         one_batch = sum(
-            len(b[order]) * max(int(s["attention_mask"].sum(dim=1).max()) for s in b[side]) for b in batches
+            len(b[order]) * max(int(s["attention_mask"].sum(dim=1).max()) for s in b[side])
+            for b in padded_batches
         )
-        sliced = sum(s["attention_mask"].numel() for b in batches for s in b[side])
+        sliced = sum(s["attention_mask"].numel() for b in padded_batches for s in b[side])
         print(
             f"{side}: {real:,} real tokens; padding one batch {one_batch - real:,} "
             f"({1 - real / one_batch:.1%}), two slices {sliced - real:,} ({1 - real / sliced:.1%})"
@@ -108,20 +119,24 @@ def main() -> None:
 
     loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
     seconds: dict[str, list[float]] = {"torch": [], "fast": []}
-    for i, batch in enumerate(batches):
+    for i in range(len(batches)):
         for name in ("torch", "fast") if i % 2 else ("fast", "torch"):
-            encoder, optimizer = models[name]
+            encoder, optimizer, steps = models[name]
             start = time.perf_counter()
-            loss, _ = loss_step(encoder, batch)
+            loss, _ = loss_step(encoder, steps[i])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds[name].append(time.perf_counter() - start)
     plain, fast = sum(seconds["torch"][1:]), sum(seconds["fast"][1:])
+    per_step = statistics.median(
+        a / b for a, b in zip(seconds["torch"][1:], seconds["fast"][1:], strict=True)
+    )
+    layout = "padded" if args.padded else "packed"
     print(
-        f"{len(batches) - 1} steps: {args.versus} {plain:.2f} s, fast_cpu_dropout {fast:.2f} s, "
-        f"time ratio {plain / fast:.3f}x"
+        f"{len(batches) - 1} steps: {args.versus} {plain:.2f} s, current ({layout}, fast_cpu_dropout) "
+        f"{fast:.2f} s, time ratio {plain / fast:.3f}x (median per step {per_step:.3f})"
     )
 
 

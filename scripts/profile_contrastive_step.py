@@ -63,9 +63,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_loss_step
-    from ember_train.training.fast_dropout import use_fast_cpu_dropout
     from ember_train.training.loop import build_optimizer
 
     if args.threads:
@@ -78,6 +78,7 @@ def main() -> None:
             max_length=args.max_length,
             group_by_length=True,
             tmp=Path(tmp),
+            pack=not args.padded,
         )
 
     if not args.torch_dropout:

@@ -24,11 +24,13 @@ EXAMPLES = [
 ]
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("num_negatives", [0, 1])
-def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, num_negatives):
+def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, num_negatives, pack):
+    """Two padded slices per side, or one packed (padding-free) row per side: same loss and gradients."""
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).eval()  # no dropout
-    batch = PairCollator(encoder, num_negatives=num_negatives)(EXAMPLES)
-    assert len(batch["query"]) == len(batch["documents"]) == 2
+    batch = PairCollator(encoder, num_negatives=num_negatives, pack=pack)(EXAMPLES)
+    assert len(batch["query"]) == len(batch["documents"]) == (1 if pack else 2)
     loss_fn = InfoNCELoss(0.05)
 
     loss, metrics = make_loss_step(loss_fn)(encoder, batch)
@@ -54,6 +56,7 @@ def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, 
     one_batch = token_counts(queries, document_features)
     assert metrics["tokens"] == one_batch["tokens"]
     assert metrics["padding_tokens"] < one_batch["padding_tokens"]
+    assert (metrics["padding_tokens"] == 0) == pack
     assert metrics["samples"] == len(EXAMPLES)
 
 
@@ -99,9 +102,10 @@ def test_restore_order_undoes_the_length_sort(tiny_bert_path):
     assert rows.squeeze(1).tolist() == encoder.tokenize(texts)["attention_mask"].sum(dim=1).tolist()
 
 
-def test_grad_cache_step_over_slices_matches_the_plain_step(tiny_bert_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_grad_cache_step_over_slices_matches_the_plain_step(tiny_bert_path, pack):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).eval()
-    batch = PairCollator(encoder, num_negatives=1)(EXAMPLES)
+    batch = PairCollator(encoder, num_negatives=1, pack=pack)(EXAMPLES)
     loss_fn = InfoNCELoss(0.05)
     loss, _ = make_loss_step(loss_fn)(encoder, batch)
     loss.backward()

@@ -10,10 +10,10 @@ from transformers import AutoModel, BertConfig, BertModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ember_train.config import TrainConfig
-from ember_train.training.fast_dropout import (
+from ember_train.encoder.fast_dropout import (
     ATTENTION_IMPLEMENTATION,
     FastCPUDropout,
-    cpu_dropout_attention,
+    ember_attention,
     fast_dropout,
     keep_mask,
     keep_probability,
@@ -70,6 +70,10 @@ def test_fast_dropout_is_the_identity_when_off():
 class _Attention(nn.Module):
     is_causal = False
 
+    def __init__(self, dropout: nn.Module | None = None) -> None:
+        super().__init__()
+        self.dropout = FastCPUDropout(0.25) if dropout is None else dropout
+
 
 def test_attention_dropout_path_is_softmax_attention_with_the_mask():
     torch.manual_seed(0)
@@ -77,7 +81,7 @@ def test_attention_dropout_path_is_softmax_attention_with_the_mask():
     attend = torch.ones(2, 1, 5, 5, dtype=torch.bool)
     attend[0, :, :, 3:] = False  # padding keys of the first text
     torch.manual_seed(11)
-    out, _ = cpu_dropout_attention(_Attention(), q, k, v, attend, dropout=0.25, scaling=0.3)
+    out, _ = ember_attention(_Attention(), q, k, v, attend, dropout=0.25, scaling=0.3)
     out.pow(2).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
@@ -94,9 +98,17 @@ def test_attention_dropout_path_is_softmax_attention_with_the_mask():
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
     # Without dropout it is transformers' SDPA attention itself.
     with torch.no_grad():
-        plain, _ = cpu_dropout_attention(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
+        plain, _ = ember_attention(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
         sdpa, _ = sdpa_attention_forward(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
     assert torch.equal(plain, sdpa)
+    # With PyTorch's own dropout module (train.fast_cpu_dropout: false) it is SDPA with dropout.
+    torch.manual_seed(5)
+    torch_dropout, _ = ember_attention(
+        _Attention(nn.Dropout(0.25)), q, k, v, attend, dropout=0.25, scaling=0.3
+    )
+    torch.manual_seed(5)
+    sdpa, _ = sdpa_attention_forward(_Attention(), q, k, v, attend, dropout=0.25, scaling=0.3)
+    assert torch.equal(torch_dropout, sdpa)
 
 
 def _tiny_bert(hidden_dropout: float, attention_dropout: float) -> BertModel:

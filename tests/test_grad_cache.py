@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 
 from ember_train.config import load_config
 from ember_train.encoder import Encoder
+from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
+from ember_train.encoder.packing import is_packed, split_packed
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.pipelines import contrastive
-from ember_train.training.fast_dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +21,8 @@ NEGS = [f"unrelated description {i} of a game" for i in range(6)]
 
 
 def _chunks(features, size):
+    if is_packed(features):
+        return split_packed(features, size)
     n = features["input_ids"].shape[0]
     return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
 
@@ -33,17 +36,27 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @pytest.mark.parametrize(
-    "device,fast_cpu_dropout",
-    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=[CUDA, pytest.mark.gpu])],
+    "device,fast_cpu_dropout,packed",
+    [
+        ("cpu", False, False),
+        ("cpu", True, False),
+        ("cpu", True, True),
+        pytest.param("cuda", False, False, marks=[CUDA, pytest.mark.gpu]),
+        pytest.param("cuda", False, True, marks=[CUDA, pytest.mark.gpu]),
+    ],
 )
-def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, device, fast_cpu_dropout):
-    """On CUDA the replay must restore the GPU generator (SDPA's fused dropout draws from it)."""
+def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, device, fast_cpu_dropout, packed):
+    """On CUDA the replay must restore the GPU generator (SDPA's fused dropout draws from it).
+
+    Packed: the chunks are cut out of one padding-free row per side (``split_packed``).
+    """
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).to(device).train()  # dropout on
     if fast_cpu_dropout:
         assert use_fast_cpu_dropout(encoder) > 0
     assert encoder.backbone.config.hidden_dropout_prob > 0
+    tokenize = (lambda texts: encoder.tokenize_packed(texts)[0]) if packed else encoder.tokenize
     q_features, d_features = (
-        {k: v.to(device) for k, v in encoder.tokenize(texts).items()} for texts in (QUERIES, DOCS + NEGS)
+        {k: v.to(device) for k, v in tokenize(texts).items()} for texts in (QUERIES, DOCS + NEGS)
     )
     loss_fn = InfoNCELoss(0.05)
     chunk = 4  # does not divide 6 or 12: uneven last chunks

@@ -56,8 +56,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     # On CPU: dropout masks drawn 16 bits at a time, several times cheaper than PyTorch's (keep
-    # probability rounded to 1/65536); other devices are unaffected. See training/fast_dropout.py.
+    # probability rounded to 1/65536); other devices are unaffected. See encoder/fast_dropout.py.
     fast_cpu_dropout: bool = True
+    # Padding-free batches for contrastive and SetFit-style tuning (encoder/packing.py): "auto" =
+    # on CPU when the model gives the same vectors packed (checked at start); true = everywhere
+    # (an error if the model cannot); false = padded, length-sorted slices.
+    pack_sequences: bool | Literal["auto"] = "auto"
     grad_cache_chunk_size: int = (
         0  # > 0: gradient cache, embed in chunks of this size (big batches, small memory)
     )

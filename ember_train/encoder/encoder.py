@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ember_train.encoder.fast_dropout import use_ember_attention
+from ember_train.encoder.packing import PackedLayout, is_packed, pack, position_offset
 from ember_train.encoder.pooling import POOLING_MODES, pool
 from ember_train.encoder.st_settings import read_sentence_transformers_settings
 
@@ -143,6 +146,7 @@ class Encoder(nn.Module):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         self.backbone = backbone
+        use_ember_attention(backbone)  # SDPA, plus packed batches and CPU dropout in training
         # The backbone's own pooler (BERT's tanh layer on [CLS]) is never used: freeze it, so it
         # is still exported but DDP does not wait for gradients that never come.
         pooler = getattr(backbone, "pooler", None)
@@ -254,6 +258,43 @@ class Encoder(nn.Module):
             start = end
         return chunks, order
 
+    def tokenize_packed(
+        self,
+        texts: Sequence[str],
+        kind: TextKind | None = None,
+        num_groups: int = 2,
+        cut_multiple_of: int = 1,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Sort by token length and concatenate into one padding-free row (:mod:`.packing`).
+
+        Returns the packed features and ``order`` as :meth:`tokenize_by_length` does (rows of the
+        output are ``texts[order]``). Attention regroups the texts into ``num_groups`` padded
+        blocks cut where that padding is least (:func:`padding_optimal_cuts`).
+        """
+        prefix = self.prefix(kind)
+        token_ids = self.tokenizer(
+            [prefix + t for t in texts], truncation=True, max_length=self.max_seq_length
+        )["input_ids"]
+        lengths = torch.tensor([len(ids) for ids in token_ids])
+        order = torch.argsort(lengths, stable=True)
+        cuts = padding_optimal_cuts(lengths[order].tolist(), num_groups, cut_multiple_of)
+        group_sizes = [end - start for start, end in pairwise([0, *cuts])]
+        return pack([token_ids[i] for i in order.tolist()], group_sizes), order
+
+    def tokenize_sorted(
+        self, texts: Sequence[str], kind: TextKind | None, cut_multiple_of: int = 1, pack: bool = False
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """A training batch's side: the inputs of its forward calls, and ``order``.
+
+        Two length-sorted padded slices (:meth:`tokenize_by_length`), or with ``pack`` one
+        padding-free row (:meth:`tokenize_packed`); either way ``restore_order`` puts the
+        embeddings back in text order.
+        """
+        if pack:
+            features, order = self.tokenize_packed(texts, kind, cut_multiple_of=cut_multiple_of)
+            return [features], order
+        return self.tokenize_by_length(texts, kind, cut_multiple_of=cut_multiple_of)
+
     def token_lengths(
         self, texts: Sequence[str], kind: TextKind | None = None, chunk_size: int = 4096
     ) -> list[int]:
@@ -267,9 +308,20 @@ class Encoder(nn.Module):
         return lengths
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        token_embeddings = self.backbone(**inputs).last_hidden_state
-        embeddings = pool(token_embeddings, features["attention_mask"], self.pooling)
+        """``[B, D]`` embeddings of padded features, or of packed ones (:mod:`.packing`)."""
+        if is_packed(features):
+            layout = PackedLayout.from_features(features)
+            positions = layout.positions + position_offset(self.backbone.config)
+            token_embeddings = self.backbone(
+                input_ids=features["input_ids"], position_ids=positions[None], packed_layout=layout
+            ).last_hidden_state[0]
+            embeddings = layout.pool(token_embeddings, self.pooling)
+        else:
+            inputs = {
+                k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            token_embeddings = self.backbone(**inputs).last_hidden_state
+            embeddings = pool(token_embeddings, features["attention_mask"], self.pooling)
         if self.normalize:
             embeddings = F.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
         return embeddings

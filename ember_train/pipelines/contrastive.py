@@ -23,6 +23,7 @@ from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_conf
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder, restore_order
+from ember_train.encoder.packing import describe_batches, use_packing
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
@@ -180,7 +181,12 @@ def grouping_lengths(examples: list[PairExample], encoder: Encoder) -> list[int]
 
 
 def make_dataloader(
-    examples: list[PairExample], encoder: Encoder, cfg: ContrastiveConfig, world_size: int, rank: int
+    examples: list[PairExample],
+    encoder: Encoder,
+    cfg: ContrastiveConfig,
+    world_size: int,
+    rank: int,
+    pack: bool = False,
 ) -> DataLoader:
     lengths = None
     if cfg.data.group_by_length:  # every process needs all lengths; each computes 1/N of them
@@ -199,6 +205,7 @@ def make_dataloader(
         num_negatives=cfg.loss.num_negatives,
         seed=cfg.seed,
         cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
+        pack=pack,
     )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
@@ -222,7 +229,11 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         limit=cfg.data.max_examples,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
-    dataloader = make_dataloader(examples, encoder, cfg, accelerator.num_processes, accelerator.process_index)
+    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
+    accelerator.print(f"batches: {describe_batches(pack)}")
+    dataloader = make_dataloader(
+        examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=pack
+    )
     evaluators = build_evaluators(cfg.eval)
 
     def evaluate() -> dict[str, float]:

@@ -41,6 +41,7 @@ from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
 from ember_train.encoder import Encoder, restore_order
 from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
+from ember_train.encoder.packing import describe_batches, use_packing
 from ember_train.evaluation.base import EvalResult, percent
 from ember_train.evaluation.sts import STSEvaluator
 from ember_train.export.model_card import render_model_card
@@ -154,15 +155,14 @@ class TargetPairCollator:
     much less when lengths vary (Banking77).
     """
 
-    def __init__(self, encoder: Encoder, cut_multiple_of: int = 1) -> None:
+    def __init__(self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False) -> None:
         self.encoder = encoder
         self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
+        self.pack = pack  # one padding-free row instead of two padded slices
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        chunks, order = self.encoder.tokenize_by_length(
-            texts, num_chunks=2, cut_multiple_of=self.cut_multiple_of
-        )
+        chunks, order = self.encoder.tokenize_sorted(texts, None, self.cut_multiple_of, self.pack)
         return {
             "chunks": chunks,
             "order": order,
@@ -458,6 +458,8 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     # Body tuning on generated (and/or scored) pairs, through the shared loop.
     dataset, counts = build_pair_dataset(train, scored, cfg)
     accelerator.print(f"pairs: {counts}")
+    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
+    accelerator.print(f"batches: {describe_batches(pack)}")
     sampler = PairBatchSampler(
         len(dataset), cfg.train.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
@@ -465,7 +467,9 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=TargetPairCollator(encoder, cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1)),
+        collate_fn=TargetPairCollator(
+            encoder, cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1), pack=pack
+        ),
         num_workers=cfg.train.num_workers,
     )
     loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)

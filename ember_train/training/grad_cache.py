@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ember_train.encoder.packing import is_packed, split_packed
 from ember_train.training.distributed import global_count
 
 
@@ -56,6 +57,8 @@ class _RNGState:
 
 
 def _chunks(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    if is_packed(features):
+        return split_packed(features, size)
     n = next(iter(features.values())).shape[0]
     return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
 

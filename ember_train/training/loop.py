@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
+from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
-from ember_train.training.fast_dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning
 from ember_train.training.logging import MetricsLogger

@@ -12,7 +12,8 @@ the expectation of every activation is unchanged.
 
 Only the CPU changes: :func:`use_fast_cpu_dropout` is applied by the training loop when it runs
 on CPU (``train.fast_cpu_dropout``), and on any other device the modules fall back to PyTorch's
-fused kernels.
+fused kernels. The attention function here, :func:`ember_attention`, is also the one that lets
+packed (padding-free) batches attend per text (:mod:`ember_train.encoder.packing`), on every device.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ try:  # transformers' attention registry (recent versions; developed against 5.x
 except ImportError:  # older transformers: only the nn.Dropout modules are swapped
     AttentionInterface = None
 
-ATTENTION_IMPLEMENTATION = "ember_cpu_dropout"
+ATTENTION_IMPLEMENTATION = "ember"
 _LEVELS = 1 << 16
 
 
@@ -90,7 +91,7 @@ class FastCPUDropout(nn.Dropout):
         return fast_dropout(input, self.p, self.training)
 
 
-def cpu_dropout_attention(
+def ember_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -99,17 +100,30 @@ def cpu_dropout_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    packed_layout=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, except that attention dropout on CPU uses :func:`fast_dropout`.
+    """transformers' SDPA attention, extended for ember-train's training batches.
 
-    Without dropout (evaluation, or ``p = 0``), off CPU, and for what the explicit path below does
-    not cover (causal or grouped-query attention, position biases, soft-capping) it *is* SDPA.
+    - Packed (padding-free) batches: ``packed_layout`` (an
+      :class:`~ember_train.encoder.packing.PackedLayout`, passed through the backbone's keyword
+      arguments) regroups the tokens so each text attends only to itself.
+    - Attention dropout on CPU uses :func:`fast_dropout` when the attention module's own dropout
+      is a :class:`FastCPUDropout` (``train.fast_cpu_dropout``).
+
+    Without either (evaluation, other devices, or what the explicit path below does not cover:
+    causal or grouped-query attention, position biases, soft-capping) it *is* SDPA.
     """
+    if packed_layout is not None:
+        out = packed_layout.attend(
+            ember_attention, module, query, key, value, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return out, None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (
         dropout == 0.0
         or query.device.type != "cpu"
+        or not isinstance(getattr(module, "dropout", None), FastCPUDropout)
         or causal
         or getattr(module, "num_key_value_groups", 1) != 1
         or kwargs.get("position_bias") is not None
@@ -138,15 +152,25 @@ def cpu_dropout_attention(
 
 
 if AttentionInterface is not None:
-    AttentionInterface.register(ATTENTION_IMPLEMENTATION, cpu_dropout_attention)
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, ember_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
 
 
+def use_ember_attention(model: nn.Module) -> None:
+    """Give every SDPA transformers model inside ``model`` :func:`ember_attention` (idempotent).
+
+    The choice is not written to ``config.json``: a saved model loads with SDPA as before.
+    """
+    for module in model.modules() if AttentionInterface is not None else ():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
+            module.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
 def use_fast_cpu_dropout(model: nn.Module) -> int:
-    """Swap every ``nn.Dropout`` in ``model`` for :class:`FastCPUDropout`; SDPA attention for :func:`cpu_dropout_attention`.
+    """Swap every ``nn.Dropout`` in ``model`` for :class:`FastCPUDropout`, with :func:`ember_attention`.
 
     Returns how many dropout modules were swapped. Idempotent. Parameters, state dicts and saved
-    configs do not change (the attention choice is not written to ``config.json``).
+    configs do not change.
     """
     swapped = 0
     for parent in list(model.modules()):
@@ -154,7 +178,5 @@ def use_fast_cpu_dropout(model: nn.Module) -> int:
             if type(child) is nn.Dropout:
                 setattr(parent, name, FastCPUDropout(child.p, child.inplace).train(child.training))
                 swapped += 1
-    for module in model.modules() if AttentionInterface is not None else ():
-        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
-            module.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    use_ember_attention(model)
     return swapped

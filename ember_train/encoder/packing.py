@@ -1,0 +1,207 @@
+"""Padding-free batches: the texts of a batch concatenated into one row, attention kept per text.
+
+A padded batch spends every layer's matmuls, GELU, LayerNorm and dropout on padding tokens too,
+and slicing a batch by length to pad less means more, smaller forward calls. Packed, a side of a
+contrastive batch is one forward call over exactly its real tokens: the linear layers see one
+``[T, d]`` matrix (bigger matmuls, no padding), and only attention, a few percent of the FLOPs,
+regroups the tokens into padded per-text blocks (:class:`PackedLayout`) so no text attends to
+another. On all-MiniLM-L6-v2 (CPU, batch 32, length-grouped Debian pairs) a step is 1.10-1.16x
+faster than two padded slices per side (``docs/benchmarks.md``).
+
+Packed features are a dict with ``input_ids`` ``[1, T]`` (texts sorted by length, concatenated),
+``sequence_lengths`` ``[n]`` and ``group_sizes`` ``[g]``: attention groups of consecutive texts,
+each padded to its longest text inside attention (cut where that padding is least).
+:meth:`Encoder.forward <ember_train.encoder.Encoder.forward>` recognises them by
+``sequence_lengths``; a model takes them only if :func:`packing_supported` found it gives the
+padded vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ember_train.encoder.encoder import Encoder
+
+PACKED_KEY = "sequence_lengths"
+
+# Model types whose absolute positions start after the padding index (fairseq convention).
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"}
+
+
+def is_packed(features: dict[str, torch.Tensor]) -> bool:
+    return PACKED_KEY in features
+
+
+def num_texts(features: dict[str, torch.Tensor]) -> int:
+    """How many texts a padded or packed batch holds."""
+    return int(features[PACKED_KEY].shape[0]) if is_packed(features) else int(features["input_ids"].shape[0])
+
+
+def pack(token_ids: list[list[int]], group_sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Packed features from per-text token ids (already in the order they go in) and group sizes."""
+    if sum(group_sizes) != len(token_ids):
+        raise ValueError(f"group sizes {group_sizes} do not add up to {len(token_ids)} texts")
+    return {
+        "input_ids": torch.tensor([[t for ids in token_ids for t in ids]], dtype=torch.long),
+        PACKED_KEY: torch.tensor([len(ids) for ids in token_ids], dtype=torch.long),
+        "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
+    }
+
+
+def split_packed(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive packed batches of at most ``size`` texts each (the gradient cache's chunks).
+
+    A chunk keeps the attention groups it overlaps, cut at its own boundaries.
+    """
+    lengths = features[PACKED_KEY].tolist()
+    group_ends = torch.cumsum(features["group_sizes"], 0).tolist()
+    token_ends = [0, *torch.cumsum(features[PACKED_KEY], 0).tolist()]
+    chunks = []
+    for start in range(0, len(lengths), size):
+        end = min(start + size, len(lengths))
+        cuts = sorted({start, end, *(e for e in group_ends if start < e < end)})
+        chunks.append(
+            {
+                "input_ids": features["input_ids"][:, token_ends[start] : token_ends[end]],
+                PACKED_KEY: features[PACKED_KEY][start:end],
+                "group_sizes": torch.tensor([b - a for a, b in pairwise(cuts)], dtype=torch.long),
+            }
+        )
+    return chunks
+
+
+def position_offset(config) -> int:
+    """First position id of a text: 0, or ``pad_token_id + 1`` for RoBERTa-style models."""
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+        return int(config.pad_token_id) + 1
+    return 0
+
+
+@dataclass
+class PackedLayout:
+    """Where each text's tokens are in a packed row, and how attention regroups them.
+
+    For each attention group: ``gather`` ``[b * L]`` picks the group's tokens into a padded
+    ``[b, L]`` block (padding slots repeat a text's first token and are masked as keys),
+    ``key_mask`` ``[b, L]`` marks real tokens, and ``real`` ``[sum of lengths]`` picks the real
+    rows of the block's output back out, in packed order.
+    """
+
+    lengths: torch.Tensor  # [n]
+    starts: torch.Tensor  # [n], first token of each text in the packed row
+    text_ids: torch.Tensor  # [T], which text each token belongs to
+    positions: torch.Tensor  # [T], position within its text
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def from_features(cls, features: dict[str, torch.Tensor]) -> PackedLayout:
+        lengths = features[PACKED_KEY]
+        device = lengths.device
+        starts = torch.cumsum(lengths, 0) - lengths
+        text_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths)
+        positions = torch.arange(text_ids.shape[0], device=device) - starts[text_ids]
+        groups, first = [], 0
+        for size in features["group_sizes"].tolist():
+            group_lengths, group_starts = lengths[first : first + size], starts[first : first + size]
+            width = int(group_lengths.max())
+            columns = torch.arange(width, device=device)
+            key_mask = columns < group_lengths[:, None]
+            gather = torch.where(key_mask, group_starts[:, None] + columns, group_starts[:, None]).reshape(-1)
+            real = key_mask.reshape(-1).nonzero().squeeze(1)
+            groups.append((gather, key_mask, real))
+            first += size
+        return cls(lengths, starts, text_ids, positions, groups)
+
+    def attend(self, attention, module, query, key, value, **kwargs) -> torch.Tensor:
+        """Per-text attention over packed ``[1, H, T, hd]`` projections; returns ``[1, T, H, hd]``.
+
+        ``attention`` is a dense attention function (transformers' signature) run on each group's
+        padded block with a key mask, so dropout and kernels are those of the unpacked model.
+        """
+        heads, head_dim = query.shape[1], query.shape[3]
+        rows = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, H, hd] views
+        outputs = []
+        for gather, key_mask, real in self.groups:
+            texts, width = key_mask.shape
+            q, k, v = (
+                r.index_select(0, gather).view(texts, width, heads, head_dim).transpose(1, 2) for r in rows
+            )
+            out, _ = attention(module, q, k, v, key_mask[:, None, None, :], is_causal=False, **kwargs)
+            outputs.append(out.reshape(texts * width, heads, head_dim).index_select(0, real))
+        return torch.cat(outputs).unsqueeze(0)
+
+    def pool(self, token_embeddings: torch.Tensor, mode: str) -> torch.Tensor:
+        """:func:`~ember_train.encoder.pooling.pool` for packed ``[T, D]`` token embeddings."""
+        n, dim = self.lengths.shape[0], token_embeddings.shape[-1]
+        zeros = token_embeddings.new_zeros(n, dim)
+        if mode == "mean":
+            summed = zeros.index_add(0, self.text_ids, token_embeddings)
+            return summed / self.lengths[:, None].to(token_embeddings.dtype)
+        if mode == "cls":
+            return token_embeddings[self.starts]
+        if mode == "lasttoken":
+            return token_embeddings[self.starts + self.lengths - 1]
+        if mode == "max":
+            index = self.text_ids[:, None].expand(-1, dim)
+            return zeros.scatter_reduce(0, index, token_embeddings, "amax", include_self=False)
+        if mode == "weighted_mean":  # weights 1..l within each text, as sentence-transformers
+            weights = (self.positions + 1).to(token_embeddings.dtype)[:, None]
+            summed = zeros.index_add(0, self.text_ids, token_embeddings * weights)
+            return summed / zeros[:, :1].index_add(0, self.text_ids, weights)
+        raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def packing_supported(encoder: Encoder) -> bool:
+    """Whether ``encoder`` gives the same vectors packed as padded (checked once, on three texts).
+
+    Packing needs a backbone that passes attention keyword arguments to transformers'
+    attention functions and takes explicit position ids (BERT- and RoBERTa-style models do);
+    anything else is caught here by comparing vectors, not by a list of names.
+    """
+    cached = getattr(encoder, "_packing_supported", None)
+    if cached is not None:
+        return cached
+    texts = ["packing check", "a somewhat longer text to check packed sequences", "x"]
+    device = next(encoder.parameters()).device
+    modes = [(module, module.training) for module in encoder.modules()]
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            padded = encoder({k: v.to(device) for k, v in encoder.tokenize(texts).items()})
+            features, order = encoder.tokenize_packed(texts)
+            packed = encoder({k: v.to(device) for k, v in features.items()})[torch.argsort(order).to(device)]
+        supported = bool(torch.allclose(padded, packed, atol=1e-4, rtol=1e-3))
+    except Exception:  # a backbone that rejects position ids or attention kwargs
+        supported = False
+    finally:
+        for module, training in modes:
+            module.training = training
+    encoder._packing_supported = supported
+    return supported
+
+
+def use_packing(setting: bool | str, encoder: Encoder, device: torch.device) -> bool:
+    """Resolve ``train.pack_sequences`` (``"auto"``, true, false) for this encoder and device.
+
+    ``"auto"`` packs on CPU only: that is where it was measured (faster); on GPUs it is opt-in.
+    """
+    if setting is False:
+        return False
+    supported = packing_supported(encoder)
+    if setting is True and not supported:
+        raise ValueError(
+            "train.pack_sequences=true, but this model does not give the same vectors on packed "
+            "(padding-free) batches as on padded ones (it needs BERT/RoBERTa-style absolute positions "
+            "and transformers' attention interface); set train.pack_sequences=false or auto"
+        )
+    return supported and (setting is True or device.type == "cpu")
+
+
+def describe_batches(pack: bool) -> str:
+    """The log line that says which batch layout a run uses."""
+    return "packed (padding-free, one row per side)" if pack else "padded (two length-sorted slices per side)"

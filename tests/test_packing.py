@@ -1,0 +1,138 @@
+"""Packed (padding-free) batches give the vectors and gradients of padded ones."""
+
+import pytest
+import torch
+from conftest import minilm_dir
+from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from ember_train.config import ConfigError
+from ember_train.config.parse import from_dict
+from ember_train.config.schema import TrainConfig
+from ember_train.data.pairs import token_counts
+from ember_train.encoder import POOLING_MODES, Encoder
+from ember_train.encoder.packing import packing_supported, split_packed, use_packing
+
+TEXTS = [
+    "a",
+    "how do I install a package on debian",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "short text",
+    "text editor for programmers with syntax highlighting",
+]
+
+
+def _encoder(kind: str, tmp_path, attention: str = "sdpa") -> Encoder:
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **sizes))
+    else:  # RoBERTa-style positions start after the padding index
+        config = RobertaConfig(
+            vocab_size=tokenizer.vocab_size,
+            max_position_embeddings=66,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes,
+        )
+        model = RobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(tmp_path / kind)
+    tokenizer.save_pretrained(tmp_path / kind)
+    encoder = Encoder.from_pretrained(tmp_path / kind, max_seq_length=24)
+    if attention != "sdpa":
+        encoder.backbone.set_attn_implementation(attention)
+    return encoder.eval()
+
+
+def _packed_and_padded(encoder: Encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    features, order = encoder.tokenize_packed(texts, kind="document", num_groups=2)
+    packed = encoder(features)[torch.argsort(order)]
+    return packed, encoder(encoder.tokenize(texts, kind="document"))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("pooling", POOLING_MODES)
+def test_packed_vectors_equal_padded_vectors(tmp_path, kind, pooling):
+    encoder = _encoder(kind, tmp_path)
+    encoder.pooling = pooling
+    with torch.no_grad():
+        packed, padded = _packed_and_padded(encoder, TEXTS)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packing_supported(encoder)
+
+
+def test_packed_gradients_equal_padded_gradients(tmp_path):
+    encoder = _encoder("bert", tmp_path)  # eval: no dropout, so both see the same function
+    packed, padded = _packed_and_padded(encoder, TEXTS)
+    target = torch.randn_like(padded)
+    grads = []
+    for out in (packed, padded):
+        encoder.zero_grad()
+        ((out - target) ** 2).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_row_has_no_padding_and_attention_groups_cover_every_text(tmp_path):
+    encoder = _encoder("bert", tmp_path)
+    features, order = encoder.tokenize_packed(TEXTS, num_groups=2)
+    lengths = features["sequence_lengths"]
+    assert lengths.tolist() == sorted(lengths.tolist())
+    assert features["input_ids"].shape == (1, int(lengths.sum()))
+    assert features["group_sizes"].tolist() != [] and int(features["group_sizes"].sum()) == len(TEXTS)
+    padded = encoder.tokenize(TEXTS)
+    assert token_counts(features) == {"tokens": float(padded["attention_mask"].sum()), "padding_tokens": 0.0}
+    # Each text's tokens are its padded row's real tokens.
+    start = 0
+    for i, length in zip(order.tolist(), lengths.tolist(), strict=True):
+        real = padded["input_ids"][i][padded["attention_mask"][i].bool()]
+        assert torch.equal(features["input_ids"][0, start : start + length], real)
+        start += length
+
+
+def test_split_packed_chunks_give_the_whole_rows_vectors(tmp_path):
+    encoder = _encoder("bert", tmp_path)
+    texts = TEXTS * 3  # 15 texts
+    features, _ = encoder.tokenize_packed(texts, num_groups=2)
+    chunks = split_packed(features, 4)
+    assert [int(c["sequence_lengths"].shape[0]) for c in chunks] == [4, 4, 4, 3]
+    assert all(int(c["group_sizes"].sum()) == int(c["sequence_lengths"].shape[0]) for c in chunks)
+    assert torch.equal(torch.cat([c["input_ids"] for c in chunks], dim=1), features["input_ids"])
+    with torch.no_grad():
+        whole = encoder(features)
+        pieces = torch.cat([encoder(c) for c in chunks])
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_where_the_model_ignores_the_packed_layout(tmp_path):
+    """Eager attention does not take the packed layout: texts would attend to each other."""
+    encoder = _encoder("bert", tmp_path, attention="eager")
+    with torch.no_grad():
+        packed, padded = _packed_and_padded(encoder, TEXTS)
+    assert not torch.allclose(packed, padded, atol=1e-3)
+    assert not packing_supported(encoder)
+    assert use_packing("auto", encoder, torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="pack_sequences=true"):
+        use_packing(True, encoder, torch.device("cpu"))
+
+
+def test_use_packing_is_on_for_cpu_by_default_and_opt_in_elsewhere(tmp_path):
+    encoder = _encoder("bert", tmp_path)
+    encoder.train()
+    assert use_packing("auto", encoder, torch.device("cpu")) is True
+    assert use_packing("auto", encoder, torch.device("cuda")) is False  # not measured on GPUs: opt-in
+    assert use_packing(True, encoder, torch.device("cuda")) is True
+    assert use_packing(False, encoder, torch.device("cpu")) is False
+    # The check leaves every module's train/eval mode as it was.
+    assert encoder.training and encoder.backbone.training
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (True, True), (False, False)])
+def test_pack_sequences_setting(value, expected):
+    assert from_dict(TrainConfig, {"pack_sequences": value}).pack_sequences == expected
+
+
+def test_pack_sequences_rejects_other_values():
+    with pytest.raises(ConfigError, match="pack_sequences"):
+        from_dict(TrainConfig, {"pack_sequences": "sometimes"})
