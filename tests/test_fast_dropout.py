@@ -96,6 +96,12 @@ def test_attention_dropout_path_is_softmax_attention_with_the_mask():
     expected.pow(2).sum().backward()
     for got, t in zip(grads, (q, k, v), strict=True):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+    # An additive mask (0 / dtype min) is the same mask.
+    additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        out_additive, _ = ember_attention(_Attention(), q, k, v, additive, dropout=0.25, scaling=0.3)
+    torch.testing.assert_close(out_additive, out.detach(), rtol=1e-6, atol=0)
     # Without dropout it is transformers' SDPA attention itself.
     with torch.no_grad():
         plain, _ = ember_attention(_Attention(), q, k, v, attend, dropout=0.0, scaling=0.3)
