@@ -120,7 +120,7 @@ def bench_ember(
     processes: int = 1,
     threads: int | None = None,
     fast_cpu_dropout: bool = True,
-    packed: bool = True,
+    packing: str = "auto",
     model: str = MODEL,
     num_workers: int = 0,
 ) -> float:
@@ -140,7 +140,7 @@ def bench_ember(
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
         f" mixed_precision: '{'no' if precision == 'fp32' else precision}', keep_checkpoints: 1,"
         f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}, num_workers: {num_workers},"
-        f" pack_sequences: {'auto' if packed else 'false'}}}\n"
+        f" pack_sequences: {packing}}}\n"
         "export: {enabled: false}\n"
     )
     if processes == 1 and threads is None:
@@ -322,23 +322,26 @@ class Variant(NamedTuple):
     processes: int
     threads: int | None
     fast_cpu_dropout: bool
-    packed: bool
+    packing: str  # train.pack_sequences: auto (packed on CPU only) | true | false
 
 
 def parse_variant(spec: str) -> Variant:
-    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True, True).
+    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True, "auto").
 
     Extras (ember-train only): ``grouped`` (length-aware batching), ``2proc`` (two processes with
     one thread each, gathered negatives), ``1thread`` (one process, one torch thread),
     ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``), ``padded``
-    (two padded length-sorted slices per side instead of packed rows: ``train.pack_sequences: false``).
+    (two padded length-sorted slices per side: ``train.pack_sequences: false``), ``packed``
+    (padding-free rows on any device: ``train.pack_sequences: true``; without either, ``auto``:
+    packed on CPU, padded on GPUs).
     """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
     if (
         side not in ("ember", "st")
         or precision not in PRECISIONS
-        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded"}
+        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed"}
+        or {"padded", "packed"} <= set(extras)
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
     if side == "st" and extras:
@@ -352,7 +355,7 @@ def parse_variant(spec: str) -> Variant:
         processes=2 if "2proc" in extras else 1,
         threads=1 if "1thread" in extras else None,
         fast_cpu_dropout="torchdropout" not in extras,
-        packed="padded" not in extras,
+        packing="false" if "padded" in extras else "true" if "packed" in extras else "auto",
     )
 
 
@@ -423,7 +426,7 @@ def main() -> None:
                                 variant.processes,
                                 variant.threads,
                                 variant.fast_cpu_dropout,
-                                variant.packed,
+                                variant.packing,
                                 args.model,
                                 args.num_workers,
                             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from ember_train.encoder import Encoder
@@ -49,14 +50,16 @@ def test_slices_are_sorted_by_length_and_pad_less_than_one_slice_per_side(tiny_b
     assert padded_sorted < sum(m["input_ids"].numel() for m in mixed)
 
 
-def test_pair_loss_is_computed_in_pair_order(tiny_bert_path):
-    """The loss on sorted slices equals the loss on each side embedded separately (no dropout)."""
-    model = _model(tiny_bert_path).eval()
+@pytest.mark.parametrize("pack", [False, True])
+def test_pair_loss_is_computed_in_pair_order(tiny_bert_path, pack):
+    """The loss on sorted slices (or one packed row) equals the loss on each side embedded separately."""
+    model = _model(tiny_bert_path).eval()  # no dropout
     items = [
         {"text1": s, "text2": t, "label": float(i % 2)}
         for i, (s, t) in enumerate(zip(SHORT, LONG, strict=True))
     ]
-    batch = TargetPairCollator(model.body)(items)
+    batch = TargetPairCollator(model.body, pack=pack)(items)
+    assert len(batch["chunks"]) == (1 if pack else 2)
     loss_fn = CosineMSELoss()
     loss, metrics = make_pair_loss_step(loss_fn)(model, batch)
     with torch.no_grad():
@@ -66,13 +69,15 @@ def test_pair_loss_is_computed_in_pair_order(tiny_bert_path):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert metrics["samples"] == 4
     assert metrics["tokens"] == sum(model.body.token_lengths(SHORT + LONG))
+    assert (metrics["padding_tokens"] == 0) == pack
 
 
-def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path, pack):
     model = _model(tiny_bert_path).eval()
     items = [{"text1": s, "text2": t, "label": 1.0} for s, t in zip(SHORT, LONG, strict=True)]
     items += [{"text1": s, "text2": t, "label": 0.0} for s, t in zip(SHORT, reversed(LONG), strict=True)]
-    batch = TargetPairCollator(model.body)(items)
+    batch = TargetPairCollator(model.body, pack=pack)(items)
     loss_fn = CosineMSELoss()
 
     plain_loss, _ = make_pair_loss_step(loss_fn)(model, batch)

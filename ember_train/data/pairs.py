@@ -188,7 +188,9 @@ def token_counts(*features: dict[str, torch.Tensor]) -> dict[str, float]:
     real = total = 0.0
     for f in features:
         if is_packed(f):
-            real, total = real + float(f["input_ids"].shape[1]), total + float(f["input_ids"].shape[1])
+            real += f["input_ids"].shape[1]
+            total += f["input_ids"].shape[1]
         else:
-            real, total = real + float(f["attention_mask"].sum()), total + float(f["attention_mask"].numel())
+            real += float(f["attention_mask"].sum())
+            total += f["attention_mask"].numel()
     return {"tokens": real, "padding_tokens": total - real}

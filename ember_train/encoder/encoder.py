@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ember_train.encoder.fast_dropout import use_ember_attention
-from ember_train.encoder.packing import PackedLayout, is_packed, pack, position_offset
+from ember_train.encoder.packing import PackedLayout, is_packed, pack_token_ids, position_offset
 from ember_train.encoder.pooling import POOLING_MODES, pool
 from ember_train.encoder.st_settings import read_sentence_transformers_settings
 
@@ -279,7 +279,7 @@ class Encoder(nn.Module):
         order = torch.argsort(lengths, stable=True)
         cuts = padding_optimal_cuts(lengths[order].tolist(), num_groups, cut_multiple_of)
         group_sizes = [end - start for start, end in pairwise([0, *cuts])]
-        return pack([token_ids[i] for i in order.tolist()], group_sizes), order
+        return pack_token_ids([token_ids[i] for i in order.tolist()], group_sizes), order
 
     def tokenize_sorted(
         self, texts: Sequence[str], kind: TextKind | None, cut_multiple_of: int = 1, pack: bool = False

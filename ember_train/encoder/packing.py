@@ -5,8 +5,8 @@ and slicing a batch by length to pad less means more, smaller forward calls. Pac
 contrastive batch is one forward call over exactly its real tokens: the linear layers see one
 ``[T, d]`` matrix (bigger matmuls, no padding), and only attention, a few percent of the FLOPs,
 regroups the tokens into padded per-text blocks (:class:`PackedLayout`) so no text attends to
-another. On all-MiniLM-L6-v2 (CPU, batch 32, length-grouped Debian pairs) a step is 1.10-1.16x
-faster than two padded slices per side (``docs/benchmarks.md``).
+another. Training all-MiniLM-L6-v2 on Debian pairs (CPU, batch 32) ran 1.24x as fast as with two
+padded slices per side, 1.11x with length grouping (``docs/benchmarks.md``).
 
 Packed features are a dict with ``input_ids`` ``[1, T]`` (texts sorted by length, concatenated),
 ``sequence_lengths`` ``[n]`` and ``group_sizes`` ``[g]``: attention groups of consecutive texts,
@@ -42,7 +42,7 @@ def num_texts(features: dict[str, torch.Tensor]) -> int:
     return int(features[PACKED_KEY].shape[0]) if is_packed(features) else int(features["input_ids"].shape[0])
 
 
-def pack(token_ids: list[list[int]], group_sizes: list[int]) -> dict[str, torch.Tensor]:
+def pack_token_ids(token_ids: list[list[int]], group_sizes: list[int]) -> dict[str, torch.Tensor]:
     """Packed features from per-text token ids (already in the order they go in) and group sizes."""
     if sum(group_sizes) != len(token_ids):
         raise ValueError(f"group sizes {group_sizes} do not add up to {len(token_ids)} texts")
