@@ -37,11 +37,6 @@ def is_packed(features: dict[str, torch.Tensor]) -> bool:
     return PACKED_KEY in features
 
 
-def num_texts(features: dict[str, torch.Tensor]) -> int:
-    """How many texts a padded or packed batch holds."""
-    return int(features[PACKED_KEY].shape[0]) if is_packed(features) else int(features["input_ids"].shape[0])
-
-
 def pack_token_ids(token_ids: list[list[int]], group_sizes: list[int]) -> dict[str, torch.Tensor]:
     """Packed features from per-text token ids (already in the order they go in) and group sizes."""
     if sum(group_sizes) != len(token_ids):

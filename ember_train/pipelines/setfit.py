@@ -148,7 +148,7 @@ class ScoredPairDataset(Dataset):
 
 
 class TargetPairCollator:
-    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices + targets.
+    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices (or one packed row) + targets.
 
     Both sides of every pair are tokenized together and sorted by length into the slices, so each
     slice pads to the longest of similar texts: never more padding than one slice per side, and
