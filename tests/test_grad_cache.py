@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ember_train.config import load_config
 from ember_train.encoder import Encoder
 from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-from ember_train.encoder.packing import is_packed, split_packed
+from ember_train.encoder.packing import split_batch
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.pipelines import contrastive
 from ember_train.training.grad_cache import StepContext, grad_cache_step
@@ -18,13 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 QUERIES = [f"how do I install package {i} on debian" for i in range(6)]
 DOCS = [f"package {i} provides tools number {i} for the system" for i in range(6)]
 NEGS = [f"unrelated description {i} of a game" for i in range(6)]
-
-
-def _chunks(features, size):
-    if is_packed(features):
-        return split_packed(features, size)
-    n = features["input_ids"].shape[0]
-    return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
 
 
 def _loss(emb, loss_fn):
@@ -48,7 +41,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, device, fast_cpu_dropout, packed):
     """On CUDA the replay must restore the GPU generator (SDPA's fused dropout draws from it).
 
-    Packed: the chunks are cut out of one padding-free row per side (``split_packed``).
+    Packed: the chunks are cut out of one padding-free row per side (``split_batch``).
     """
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).to(device).train()  # dropout on
     if fast_cpu_dropout:
@@ -63,8 +56,8 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, devi
 
     # Reference: the full batch in one graph, embedded chunk by chunk in the same RNG order.
     torch.manual_seed(123)
-    q = torch.cat([encoder(c) for c in _chunks(q_features, chunk)])
-    d = torch.cat([encoder(c) for c in _chunks(d_features, chunk)])
+    q = torch.cat([encoder(c) for c in split_batch(q_features, chunk)])
+    d = torch.cat([encoder(c) for c in split_batch(d_features, chunk)])
     reference_loss = _loss([q, d], loss_fn)
     reference_loss.backward()
     reference = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}

@@ -10,7 +10,7 @@ from ember_train.config.parse import from_dict
 from ember_train.config.schema import TrainConfig
 from ember_train.data.pairs import token_counts
 from ember_train.encoder import POOLING_MODES, Encoder
-from ember_train.encoder.packing import packing_supported, split_packed, use_packing
+from ember_train.encoder.packing import packing_supported, split_batch, use_packing
 
 TEXTS = [
     "a",
@@ -91,11 +91,11 @@ def test_packed_row_has_no_padding_and_attention_groups_cover_every_text(tmp_pat
         start += length
 
 
-def test_split_packed_chunks_give_the_whole_rows_vectors(tmp_path):
+def test_split_batch_chunks_give_the_whole_rows_vectors(tmp_path):
     encoder = _encoder("bert", tmp_path)
     texts = TEXTS * 3  # 15 texts
     features, _ = encoder.tokenize_packed(texts, num_groups=2)
-    chunks = split_packed(features, 4)
+    chunks = split_batch(features, 4)
     assert [int(c["sequence_lengths"].shape[0]) for c in chunks] == [4, 4, 4, 3]
     assert all(int(c["group_sizes"].sum()) == int(c["sequence_lengths"].shape[0]) for c in chunks)
     assert torch.equal(torch.cat([c["input_ids"] for c in chunks], dim=1), features["input_ids"])

@@ -119,6 +119,15 @@ def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int, multipl
     return ends[::-1]
 
 
+def sort_and_cut(
+    lengths: torch.Tensor, num_slices: int, multiple_of: int = 1
+) -> tuple[torch.Tensor, list[int]]:
+    """``order`` (a stable sort by length) and the ends of the slices of ``lengths[order]``
+    (:func:`padding_optimal_cuts`)."""
+    order = torch.argsort(lengths, stable=True)
+    return order, padding_optimal_cuts(lengths[order].tolist(), num_slices, multiple_of)
+
+
 def restore_order(sorted_embeddings: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
     """Embeddings of :meth:`Encoder.tokenize_by_length` slices, concatenated, back in text order."""
     return torch.cat(list(sorted_embeddings))[torch.argsort(order.to(sorted_embeddings[0].device))]
@@ -247,12 +256,12 @@ class Encoder(nn.Module):
         """
         features = self.tokenize(texts, kind)
         lengths = features["attention_mask"].sum(dim=1)
-        order = torch.argsort(lengths, stable=True)
-        sorted_lengths = lengths[order].tolist()
+        order, cuts = sort_and_cut(lengths, num_chunks, cut_multiple_of)
         left = self.tokenizer.padding_side == "left"
         chunks, start = [], 0
-        for end in padding_optimal_cuts(sorted_lengths, num_chunks, cut_multiple_of):
-            rows, width = order[start:end], sorted_lengths[end - 1]
+        for end in cuts:
+            rows = order[start:end]
+            width = int(lengths[rows].max())
             columns = slice(-width, None) if left else slice(0, width)
             chunks.append({k: v[rows][:, columns] for k, v in features.items()})
             start = end
@@ -275,9 +284,7 @@ class Encoder(nn.Module):
         token_ids = self.tokenizer(
             [prefix + t for t in texts], truncation=True, max_length=self.max_seq_length
         )["input_ids"]
-        lengths = torch.tensor([len(ids) for ids in token_ids])
-        order = torch.argsort(lengths, stable=True)
-        cuts = padding_optimal_cuts(lengths[order].tolist(), num_groups, cut_multiple_of)
+        order, cuts = sort_and_cut(torch.tensor([len(ids) for ids in token_ids]), num_groups, cut_multiple_of)
         group_sizes = [end - start for start, end in pairwise([0, *cuts])]
         return pack_token_ids([token_ids[i] for i in order.tolist()], group_sizes), order
 

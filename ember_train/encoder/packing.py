@@ -48,11 +48,15 @@ def pack_token_ids(token_ids: list[list[int]], group_sizes: list[int]) -> dict[s
     }
 
 
-def split_packed(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive packed batches of at most ``size`` texts each (the gradient cache's chunks).
+def split_batch(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive batches of at most ``size`` texts each (the gradient cache's chunks).
 
-    A chunk keeps the attention groups it overlaps, cut at its own boundaries.
+    Padded features are split by rows; packed ones by texts, each chunk keeping the attention
+    groups it overlaps, cut at its own boundaries.
     """
+    if not is_packed(features):
+        n = features["input_ids"].shape[0]
+        return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
     lengths = features[PACKED_KEY].tolist()
     group_ends = torch.cumsum(features["group_sizes"], 0).tolist()
     token_ends = [0, *torch.cumsum(features[PACKED_KEY], 0).tolist()]
@@ -185,7 +189,7 @@ def use_packing(setting: bool | str, encoder: Encoder, device: torch.device) -> 
 
     ``"auto"`` packs on CPU only: that is where it was measured (faster); on GPUs it is opt-in.
     """
-    if setting is False:
+    if setting is False or (setting == "auto" and device.type != "cpu"):
         return False
     supported = packing_supported(encoder)
     if setting is True and not supported:
@@ -194,7 +198,7 @@ def use_packing(setting: bool | str, encoder: Encoder, device: torch.device) -> 
             "(padding-free) batches as on padded ones (it needs BERT/RoBERTa-style absolute positions "
             "and transformers' attention interface); set train.pack_sequences=false or auto"
         )
-    return supported and (setting is True or device.type == "cpu")
+    return supported
 
 
 def describe_batches(pack: bool) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ember_train.encoder.packing import is_packed, split_packed
+from ember_train.encoder.packing import split_batch
 from ember_train.training.distributed import global_count
 
 
@@ -56,13 +56,6 @@ class _RNGState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _chunks(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    if is_packed(features):
-        return split_packed(features, size)
-    n = next(iter(features.values())).shape[0]
-    return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
-
-
 def grad_cache_step(
     model: nn.Module,
     inputs: Sequence[dict[str, torch.Tensor]],
@@ -76,7 +69,7 @@ def grad_cache_step(
     their embeddings, in the same order, to the loss (it may gather across processes).
     """
     device = next(model.parameters()).device
-    chunked = [_chunks(features, chunk_size) for features in inputs]
+    chunked = [split_batch(features, chunk_size) for features in inputs]
 
     # 1. Embeddings without graph; remember each chunk's RNG state.
     states: list[list[_RNGState]] = []
