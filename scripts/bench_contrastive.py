@@ -11,7 +11,10 @@ same max length, batch size and precision. Every run is exactly one epoch over t
 duplicates out of a batch). Runs alternate (ember then st, st then ember, ...) so machine noise hits
 both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s, the ratio of each
 run to each sentence-transformers run of the same repeat, and ember-train's model FLOP utilisation
-against fp32 and bf16 matmul peaks measured in the same run.
+against fp32 and bf16 matmul peaks measured in the same run: against the best peak of the whole
+run, and per repeat against the better of the fp32 peaks measured just before and just after that
+repeat (one is measured between every two runs: this shared machine's speed drifts within minutes,
+and a utilisation is a ratio of two speeds that should be measured side by side).
 
 On a machine with a CUDA GPU both sides train there (accelerate and the sentence-transformers
 trainer pick it), the matmul peaks are the GPU's (8192^3, fp32 without TF32 as torch's default,
@@ -407,6 +410,8 @@ def main() -> None:
             flops_per_token = training_flops_per_token(epoch, args.max_length, args.model)
             speed: dict[str, list[float]] = {v: [] for v in variants}
             stats: dict[str, list[dict]] = {v: [] for v in variants}
+            adjacent: dict[str, list[float]] = {v: [] for v in variants}  # fp32 peak beside each run
+            last_peak = peaks["fp32"][-1]
             for r in range(args.repeats):
                 # Alternate the order, so a trend in machine load does not favour one side.
                 for v in variants if r % 2 == 0 else variants[::-1]:
@@ -447,12 +452,16 @@ def main() -> None:
                                 args.num_workers,
                             )
                         )
+                    after = matmul_peak(torch.float32)
+                    peaks["fp32"].append(after)
+                    adjacent[v].append(max(last_peak, after))
+                    last_peak = after
                     print(f"batch {batch_size} repeat {r}: {v} {speed[v][-1]:.2f} samples/s", flush=True)
             for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 peaks[dtype_name].append(matmul_peak(dtype))
             fp32_peak, bf16_peak = max(peaks["fp32"]), max(peaks["bf16"])
             print(
-                f"\nbatch {batch_size}; matmul peaks (best of start/end): fp32 {fp32_peak / 1e9:.1f} GFLOP/s, "
+                f"\nbatch {batch_size}; matmul peaks (best of all measured so far): fp32 {fp32_peak / 1e9:.1f} GFLOP/s, "
                 f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s"
             )
             # Ratios against each sentence-transformers run, or against the first variant if none ran.
@@ -460,7 +469,10 @@ def main() -> None:
             header = "| variant | samples/s (mean) | " + " | ".join(
                 f"ratio vs {s} (min-max)" for s in st_variants
             )
-            header += " | real tokens/s | padding | MFU vs fp32 peak | MFU vs own-precision peak |"
+            header += (
+                " | real tokens/s | padding | MFU vs best fp32 peak | MFU vs own-precision peak"
+                " | fp32 MFU per repeat vs adjacent peaks: median (min-max) |"
+            )
             print(header)
             print("|" + "---|" * (header.count("|") - 1))
             for v in variants:
@@ -474,14 +486,19 @@ def main() -> None:
                     flops = tokens * flops_per_token
                     # fp16 matmuls run at the bf16 rate on GPUs: both are measured against bf16's peak.
                     own = fp32_peak if parsed[v].precision == "fp32" else bf16_peak
+                    per_repeat = [
+                        x["tokens_per_s"] * flops_per_token / peak
+                        for x, peak in zip(stats[v], adjacent[v], strict=True)
+                    ]
                     cells += [
                         f"{tokens:.0f}",
                         f"{padding:.1%}",
                         f"{flops / fp32_peak:.1%}",
                         f"{flops / own:.1%}",
+                        f"{statistics.median(per_repeat):.1%} ({min(per_repeat):.1%}-{max(per_repeat):.1%})",
                     ]
                 else:
-                    cells += ["", "", "", ""]
+                    cells += ["", "", "", "", ""]
                 print("| " + " | ".join(cells) + " |", flush=True)
 
 

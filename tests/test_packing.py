@@ -10,7 +10,7 @@ from ember_train.config.parse import from_dict
 from ember_train.config.schema import TrainConfig
 from ember_train.data.pairs import token_counts
 from ember_train.encoder import POOLING_MODES, Encoder
-from ember_train.encoder.packing import packing_supported, split_batch, use_packing
+from ember_train.encoder.packing import ATTENTION_GROUPS, packing_supported, split_batch, use_packing
 
 TEXTS = [
     "a",
@@ -43,8 +43,10 @@ def _encoder(kind: str, tmp_path, attention: str = "sdpa") -> Encoder:
     return encoder.eval()
 
 
-def _packed_and_padded(encoder: Encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    features, order = encoder.tokenize_packed(texts, kind="document", num_groups=2)
+def _packed_and_padded(
+    encoder: Encoder, texts: list[str], num_groups: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    features, order = encoder.tokenize_packed(texts, kind="document", num_groups=num_groups)
     packed = encoder(features)[torch.argsort(order)]
     return packed, encoder(encoder.tokenize(texts, kind="document"))
 
@@ -58,6 +60,19 @@ def test_packed_vectors_equal_padded_vectors(tmp_path, kind, pooling):
         packed, padded = _packed_and_padded(encoder, TEXTS)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert packing_supported(encoder)
+
+
+@pytest.mark.parametrize("num_groups", [1, 3, 5])
+def test_vectors_do_not_depend_on_the_number_of_attention_groups(tmp_path, num_groups):
+    encoder = _encoder("bert", tmp_path)
+    with torch.no_grad():
+        packed, padded = _packed_and_padded(encoder, TEXTS, num_groups)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_are_cut_into_the_default_number_of_attention_groups(tmp_path):
+    features, _ = _encoder("bert", tmp_path).tokenize_packed(TEXTS)  # five different lengths
+    assert len(features["group_sizes"]) == ATTENTION_GROUPS == 3
 
 
 def test_packed_gradients_equal_padded_gradients(tmp_path):

@@ -18,7 +18,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ember_train.encoder.fast_dropout import use_ember_attention
-from ember_train.encoder.packing import PackedLayout, is_packed, pack_token_ids, position_offset
+from ember_train.encoder.packing import (
+    ATTENTION_GROUPS,
+    PackedLayout,
+    is_packed,
+    pack_token_ids,
+    position_offset,
+)
 from ember_train.encoder.pooling import POOLING_MODES, pool
 from ember_train.encoder.st_settings import read_sentence_transformers_settings
 
@@ -271,7 +277,7 @@ class Encoder(nn.Module):
         self,
         texts: Sequence[str],
         kind: TextKind | None = None,
-        num_groups: int = 2,
+        num_groups: int = ATTENTION_GROUPS,
         cut_multiple_of: int = 1,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Sort by token length and concatenate into one padding-free row (:mod:`.packing`).
