@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
+from bench_contrastive import REPO, add_batch_arguments, batches_from_arguments  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -46,15 +45,7 @@ def main() -> None:
     from ember_train.encoder.fast_dropout import FastCPUDropout, ember_attention
     from ember_train.encoder.packing import PACKED_KEY, PackedLayout
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _, _, batches = contrastive_batches(
-            args.pairs,
-            batch_size=args.batch_size,
-            num_batches=args.steps,
-            max_length=args.max_length,
-            group_by_length=args.group_by_length,
-            tmp=Path(tmp),
-        )
+    _, _, batches = batches_from_arguments(args, group_by_length=args.group_by_length)
     rows = [f[PACKED_KEY] for b in batches for side in ("query", "documents") for f in b[side]]
     heads, head_dim, p = 12, 32, 0.1
 

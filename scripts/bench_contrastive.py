@@ -111,6 +111,20 @@ def contrastive_batches(
     return cfg, encoder, list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0, pack=pack))
 
 
+def batches_from_arguments(args: argparse.Namespace, *, group_by_length: bool, pack: bool = True) -> tuple:
+    """:func:`contrastive_batches` for the options of :func:`add_batch_arguments` (``--steps`` batches)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return contrastive_batches(
+            args.pairs,
+            batch_size=args.batch_size,
+            num_batches=args.steps,
+            max_length=args.max_length,
+            group_by_length=group_by_length,
+            tmp=Path(tmp),
+            pack=pack,
+        )
+
+
 def bench_ember(
     pairs_file: Path,
     batch_size: int,

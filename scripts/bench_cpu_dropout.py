@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
+from bench_contrastive import REPO, add_batch_arguments, batches_from_arguments  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -71,20 +70,14 @@ def main() -> None:
     fast_ms = median_ms(lambda: fast_dropout(x, 0.1))
     print(f"mask of {x.numel():,} elements: F.dropout {torch_ms:.1f} ms, fast_dropout {fast_ms:.1f} ms")
 
-    def make_batches(pack: bool):
-        with tempfile.TemporaryDirectory() as tmp:
-            return contrastive_batches(
-                args.pairs,
-                batch_size=args.batch_size,
-                num_batches=args.steps,
-                max_length=args.max_length,
-                group_by_length=args.group_by_length,
-                tmp=Path(tmp),
-                pack=pack,
-            )
-
-    cfg, torch_encoder, padded_batches = make_batches(pack=False)
-    batches = padded_batches if args.padded else make_batches(pack=True)[2]
+    cfg, torch_encoder, padded_batches = batches_from_arguments(
+        args, group_by_length=args.group_by_length, pack=False
+    )
+    batches = (
+        padded_batches
+        if args.padded
+        else batches_from_arguments(args, group_by_length=args.group_by_length)[2]
+    )
     fast_encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
     use_fast_cpu_dropout(fast_encoder)
     other = torch_encoder
