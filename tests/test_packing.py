@@ -75,6 +75,15 @@ def test_packed_rows_are_cut_into_the_default_number_of_attention_groups(tmp_pat
     assert len(features["group_sizes"]) == ATTENTION_GROUPS == 3
 
 
+def test_gradient_cache_chunk_size_does_not_constrain_packed_attention_groups(tmp_path):
+    """Chunks re-cut a packed row's groups themselves (split_batch); the groups stay padding-optimal."""
+    encoder = _encoder("bert", tmp_path)
+    texts = ["x"] * 28 + ["a much longer text " * 4] * 4  # 32 texts: cut before the long ones
+    (packed,), _ = encoder.tokenize_sorted(texts, None, cut_multiple_of=16, pack=True)
+    assert torch.equal(packed["group_sizes"], encoder.tokenize_packed(texts)[0]["group_sizes"])
+    assert int(packed["group_sizes"][-1]) == 4
+
+
 def test_packed_gradients_equal_padded_gradients(tmp_path):
     encoder = _encoder("bert", tmp_path)  # eval: no dropout, so both see the same function
     packed, padded = _packed_and_padded(encoder, TEXTS)

@@ -278,7 +278,6 @@ class Encoder(nn.Module):
         texts: Sequence[str],
         kind: TextKind | None = None,
         num_groups: int = ATTENTION_GROUPS,
-        cut_multiple_of: int = 1,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Sort by token length and concatenate into one padding-free row (:mod:`.packing`).
 
@@ -290,7 +289,7 @@ class Encoder(nn.Module):
         token_ids = self.tokenizer(
             [prefix + t for t in texts], truncation=True, max_length=self.max_seq_length
         )["input_ids"]
-        order, cuts = sort_and_cut(torch.tensor([len(ids) for ids in token_ids]), num_groups, cut_multiple_of)
+        order, cuts = sort_and_cut(torch.tensor([len(ids) for ids in token_ids]), num_groups)
         group_sizes = [end - start for start, end in pairwise([0, *cuts])]
         return pack_token_ids([token_ids[i] for i in order.tolist()], group_sizes), order
 
@@ -301,10 +300,12 @@ class Encoder(nn.Module):
 
         Two length-sorted padded slices (:meth:`tokenize_by_length`), or with ``pack`` one
         padding-free row (:meth:`tokenize_packed`); either way ``restore_order`` puts the
-        embeddings back in text order.
+        embeddings back in text order. ``cut_multiple_of`` applies to the slices only: the gradient
+        cache splits a packed row by texts and cuts its attention groups at the chunk boundaries
+        (:func:`~ember_train.encoder.packing.split_batch`), so the groups need no constraint.
         """
         if pack:
-            features, order = self.tokenize_packed(texts, kind, cut_multiple_of=cut_multiple_of)
+            features, order = self.tokenize_packed(texts, kind)
             return [features], order
         return self.tokenize_by_length(texts, kind, cut_multiple_of=cut_multiple_of)
 
