@@ -140,6 +140,7 @@ def bench_ember(
     packing: str = "auto",
     model: str = MODEL,
     num_workers: int = 0,
+    attention_dropout: float | None = None,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs
@@ -149,9 +150,10 @@ def bench_ember(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "bench.yaml"
+    attention = "" if attention_dropout is None else f", attention_dropout: {attention_dropout}"
     cfg_path.write_text(
         f"task: contrastive\noutput_dir: {out_dir / 'run'}\nseed: 0\n"
-        f"model: {{name_or_path: '{model}', max_seq_length: {max_length}, normalize: true}}\n"
+        f"model: {{name_or_path: '{model}', max_seq_length: {max_length}, normalize: true{attention}}}\n"
         f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
         f"loss: {{temperature: 0.05, gather_across_devices: {str(processes > 1).lower()}}}\n"
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
@@ -340,24 +342,26 @@ class Variant(NamedTuple):
     threads: int | None
     fast_cpu_dropout: bool
     packing: str  # train.pack_sequences: auto (packed on CPU only) | true | false
+    attention_dropout: float | None  # model.attention_dropout: None = the checkpoint's
 
 
 def parse_variant(spec: str) -> Variant:
-    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True, "auto").
+    """``ember:fp32+grouped+2proc`` -> Variant("ember", "fp32", True, 2, None, True, "auto", None).
 
     Extras (ember-train only): ``grouped`` (length-aware batching), ``2proc`` (two processes with
     one thread each, gathered negatives), ``1thread`` (one process, one torch thread),
     ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``), ``padded``
     (two padded length-sorted slices per side: ``train.pack_sequences: false``), ``packed``
     (padding-free rows on any device: ``train.pack_sequences: true``; without either, ``auto``:
-    packed on CPU, padded on GPUs).
+    packed on CPU, padded on GPUs), ``noattndrop`` (no attention-probability dropout:
+    ``model.attention_dropout: 0``).
     """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
     if (
         side not in ("ember", "st")
         or precision not in PRECISIONS
-        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed"}
+        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed", "noattndrop"}
         or {"padded", "packed"} <= set(extras)
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
@@ -373,6 +377,7 @@ def parse_variant(spec: str) -> Variant:
         threads=1 if "1thread" in extras else None,
         fast_cpu_dropout="torchdropout" not in extras,
         packing="false" if "padded" in extras else "true" if "packed" in extras else "auto",
+        attention_dropout=0.0 if "noattndrop" in extras else None,
     )
 
 
@@ -391,7 +396,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="ember:fp32,st:fp32",
-        help="comma-separated runs: ember:{fp32,bf16}[+grouped][+2proc][+1thread][+torchdropout], st:{fp32,bf16}",
+        help="comma-separated runs: ember:{fp32,bf16}[+grouped][+2proc][+1thread][+torchdropout]"
+        "[+padded|+packed][+noattndrop], st:{fp32,bf16}",
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -448,6 +454,7 @@ def main() -> None:
                                 variant.packing,
                                 args.model,
                                 args.num_workers,
+                                attention_dropout=variant.attention_dropout,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))

@@ -62,6 +62,8 @@ def test_post_init_checks_become_config_errors():
         from_dict(ModelConfig, {"name_or_path": "m", "pooling": "avg"}, source="x.yaml")
     with pytest.raises(ConfigError, match="report_to"):
         from_dict(TrainConfig, {"report_to": ["tensorboardx"]}, source="x.yaml")
+    with pytest.raises(ConfigError, match=r"attention_dropout must be in \[0, 1\)"):
+        from_dict(ModelConfig, {"name_or_path": "m", "attention_dropout": 1.0}, source="x.yaml")
 
 
 def test_override_syntax_is_key_equals_value():

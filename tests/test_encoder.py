@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ember_train.encoder import Encoder, pool
@@ -49,3 +50,39 @@ def test_normalize_gives_unit_vectors(tiny_bert_path):
 def test_max_seq_length_truncates(tiny_bert_path):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=8)
     assert encoder.tokenize(["word " * 50])["input_ids"].shape[1] == 8
+
+
+def _train_mode_vectors(encoder: Encoder, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder(encoder.tokenize(texts))
+
+
+def test_attention_dropout_setting_controls_the_dropout_attention_applies(tiny_bert_path):
+    texts = ["a first text to embed", "and a second, somewhat longer one"]
+    for attention_dropout, same in ((0.0, True), (None, False)):
+        encoder = Encoder.from_pretrained(tiny_bert_path, attention_dropout=attention_dropout)
+        config = encoder.backbone.config
+        assert config.hidden_dropout_prob == 0.1  # only attention dropout changes
+        assert config.attention_probs_dropout_prob == (0.1 if attention_dropout is None else 0.0)
+        # Silence every other dropout: what remains random in training is attention dropout alone.
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Dropout) and not name.endswith("attention.self.dropout"):
+                module.p = 0.0
+        encoder.train()
+        torch.manual_seed(0)
+        first = _train_mode_vectors(encoder, texts)
+        second = _train_mode_vectors(encoder, texts)
+        assert torch.allclose(first, second, atol=1e-6) is same
+        if same:
+            assert torch.allclose(first, encoder.eval().encode(texts), atol=1e-5)
+
+
+def test_attention_dropout_on_a_model_without_one_is_an_error(tmp_path):
+    from transformers import GPT2Config
+
+    from ember_train.encoder.encoder import backbone_config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    assert backbone_config(str(tmp_path)).attn_pdrop == 0.1  # unset: the checkpoint's config as is
+    with pytest.raises(ValueError, match="no attention dropout setting"):
+        backbone_config(str(tmp_path), attention_dropout=0.0)

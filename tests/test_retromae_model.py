@@ -224,3 +224,12 @@ def test_forward_under_bf16_autocast(tiny_bert_path, query_stream):
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_attention_dropout_setting_reaches_encoder_and_new_decoder(tiny_bert_path):
+    default = RetroMAEModel.from_pretrained(tiny_bert_path)
+    assert default.decoder.config.attention_probs_dropout_prob == 0.1
+    model = RetroMAEModel.from_pretrained(tiny_bert_path, attention_dropout=0.0)
+    assert model.backbone.config.attention_probs_dropout_prob == 0.0
+    assert model.decoder.config.attention_probs_dropout_prob == 0.0
+    assert model.backbone.config.hidden_dropout_prob == 0.1

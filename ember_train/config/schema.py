@@ -22,12 +22,17 @@ class ModelConfig:
     document_prefix: str | None = None
     trust_remote_code: bool = False  # never run Hub code unless the user asks
     allow_pickle_weights: bool = False  # read pytorch_model.bin (pickle) when there is no safetensors
+    # Attention-probability dropout in training; null = the checkpoint's (BERT-style: 0.1). 0 lets
+    # CPU attention use SDPA's fused kernel (README "Training on a CPU").
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise ValueError("max_seq_length must be at least 2")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
 
     def encoder_kwargs(self) -> dict:
         return {
@@ -38,6 +43,7 @@ class ModelConfig:
             "document_prefix": self.document_prefix,
             "trust_remote_code": self.trust_remote_code,
             "allow_pickle_weights": self.allow_pickle_weights,
+            "attention_dropout": self.attention_dropout,
         }
 
 

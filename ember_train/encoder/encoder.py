@@ -15,7 +15,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ember_train.encoder.fast_dropout import use_ember_attention
 from ember_train.encoder.packing import (
@@ -31,6 +38,9 @@ from ember_train.encoder.st_settings import read_sentence_transformers_settings
 TextKind = Literal["query", "document"]
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Where transformers' configs keep the attention-probability dropout (BERT, RoBERTa, XLM-R, MPNet,
+# ELECTRA; DistilBERT, ModernBERT and most newer models).
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 class UnsafeWeightsError(ValueError):
@@ -52,6 +62,30 @@ def weight_loading_kwargs(name_or_path: str, allow_pickle_weights: bool = False)
         if pickles:
             raise UnsafeWeightsError(_pickle_refusal(name_or_path, f"pickle files ({', '.join(pickles)})"))
     return {"use_safetensors": True}
+
+
+def backbone_config(
+    name_or_path: str, *, trust_remote_code: bool = False, attention_dropout: float | None = None
+) -> PretrainedConfig:
+    """The checkpoint's transformers config, with its attention dropout replaced when asked.
+
+    Attention-probability dropout is the one dropout without a fused kernel on CPU (SDPA's CPU
+    kernel refuses it), so it is the first thing to switch off for speed there; the override is
+    saved with the model like any ``from_pretrained`` config change. A config with none of
+    :data:`ATTENTION_DROPOUT_KEYS` is an error rather than a silently ignored setting.
+    """
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if attention_dropout is None:
+        return config
+    keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+    if not keys:
+        raise ValueError(
+            f"model.attention_dropout: {type(config).__name__} has no attention dropout setting "
+            f"(looked for {', '.join(ATTENTION_DROPOUT_KEYS)}); leave it unset for this model"
+        )
+    for key in keys:
+        setattr(config, key, attention_dropout)
+    return config
 
 
 def _pickle_refusal(name_or_path: str, found: str) -> str:
@@ -186,6 +220,7 @@ class Encoder(nn.Module):
         document_prefix: str | None = None,
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
+        attention_dropout: float | None = None,
     ) -> Encoder:
         """Load from a Hub name or a local directory (a plain HF checkpoint or a sentence-transformers one).
 
@@ -193,14 +228,18 @@ class Encoder(nn.Module):
         has them (so a published or exported model gives its own vectors), else the defaults:
         mean pooling, no normalisation, 512 tokens, no prefixes. Weights are read from
         safetensors only unless ``allow_pickle_weights`` (see :func:`weight_loading_kwargs`).
+        ``attention_dropout`` replaces the checkpoint's (see :func:`backbone_config`).
         """
         name_or_path = resolve_model_path(name_or_path)
         weight_kwargs = weight_loading_kwargs(name_or_path, allow_pickle_weights)
         stored = read_sentence_transformers_settings(name_or_path) if Path(name_or_path).is_dir() else {}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         try:
+            config = backbone_config(
+                name_or_path, trust_remote_code=trust_remote_code, attention_dropout=attention_dropout
+            )
             backbone = AutoModel.from_pretrained(
-                name_or_path, trust_remote_code=trust_remote_code, **weight_kwargs
+                name_or_path, config=config, trust_remote_code=trust_remote_code, **weight_kwargs
             )
         except OSError as e:  # a Hub repository without safetensors weights
             if not weight_kwargs or Path(name_or_path).is_dir() or "safetensors" not in str(e):

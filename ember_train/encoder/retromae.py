@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from ember_train.encoder.encoder import Encoder, weight_loading_kwargs
+from ember_train.encoder.encoder import Encoder, backbone_config, weight_loading_kwargs
 from ember_train.encoder.pooling import pool
 
 QueryStream = Literal["position", "embedding"]
@@ -338,13 +338,18 @@ class RetroMAEModel(nn.Module):
         init_decoder_from: str | Path | None = None,
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
+        attention_dropout: float | None = None,
     ) -> RetroMAEModel:
         """Load backbone + MLM head (a missing head, e.g. for a sentence-transformers checkpoint,
-        is initialised and tied by transformers), and a new or saved decoder."""
+        is initialised and tied by transformers), and a new or saved decoder. A new decoder takes
+        its dropout from the backbone's config, so ``attention_dropout`` reaches both."""
         name_or_path = str(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         mlm = AutoModelForMaskedLM.from_pretrained(
             name_or_path,
+            config=backbone_config(
+                name_or_path, trust_remote_code=trust_remote_code, attention_dropout=attention_dropout
+            ),
             trust_remote_code=trust_remote_code,
             **weight_loading_kwargs(name_or_path, allow_pickle_weights),
         )

@@ -140,6 +140,7 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
         init_decoder_from=resolve_model_path(r.init_decoder_from) if r.init_decoder_from else None,
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle_weights=cfg.model.allow_pickle_weights,
+        attention_dropout=cfg.model.attention_dropout,
     )
     if cfg.train.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
