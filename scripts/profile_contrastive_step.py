@@ -3,7 +3,7 @@
     python scripts/profile_contrastive_step.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --batch-size 32 --steps 12 --warmup-steps 2
 
-Builds the step from the pipeline's own pieces (encoder, length-grouped sharded sampler, collator,
+Builds the step from the pipeline's own pieces (encoder, sharded sampler, collator,
 InfoNCE loss step, fused AdamW from the training loop) on the packaged all-MiniLM-L6-v2, fp32,
 profiles ``--steps`` optimizer steps after ``--warmup-steps`` untimed ones, and prints the share of
 self CPU time per group of operators (matmuls, dropout, element-wise, optimizer, ...) and the top
@@ -54,6 +54,9 @@ def main() -> None:
     add_batch_arguments(parser)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="length-grouped batches (data.group_by_length)"
+    )
     parser.add_argument("--rows", type=int, default=15, help="top operators to print")
     parser.add_argument(
         "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
@@ -76,7 +79,7 @@ def main() -> None:
             batch_size=args.batch_size,
             num_batches=args.steps + args.warmup_steps,
             max_length=args.max_length,
-            group_by_length=True,
+            group_by_length=args.group_by_length,
             tmp=Path(tmp),
             pack=not args.padded,
         )
