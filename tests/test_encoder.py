@@ -86,3 +86,12 @@ def test_attention_dropout_on_a_model_without_one_is_an_error(tmp_path):
     assert backbone_config(str(tmp_path)).attn_pdrop == 0.1  # unset: the checkpoint's config as is
     with pytest.raises(ValueError, match="no attention dropout setting"):
         backbone_config(str(tmp_path), attention_dropout=0.0)
+
+
+def test_attention_dropout_reaches_the_encoder_from_the_config(tiny_bert_path):
+    from ember_train.config.schema import ModelConfig
+
+    model = ModelConfig(name_or_path=str(tiny_bert_path), attention_dropout=0.05)
+    encoder = Encoder.from_pretrained(model.name_or_path, **model.encoder_kwargs())
+    assert encoder.backbone.config.attention_probs_dropout_prob == 0.05
+    assert {m.dropout.p for m in encoder.modules() if type(m).__name__ == "BertSelfAttention"} == {0.05}
