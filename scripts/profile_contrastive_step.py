@@ -59,6 +59,11 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=15, help="top operators to print")
     parser.add_argument(
+        "--by-shape",
+        default="",
+        help="comma-separated operators (e.g. aten::fill_,aten::copy_) to break down by input shape",
+    )
+    parser.add_argument(
         "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
     )
     args = parser.parse_args()
@@ -99,7 +104,7 @@ def main() -> None:
 
     for batch in batches[: args.warmup_steps]:
         step(batch)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(args.by_shape)) as prof:
         for batch in batches[args.warmup_steps :]:
             step(batch)
 
@@ -117,6 +122,11 @@ def main() -> None:
         print(f"| {group} | {100 * share:.1f}% |")
     print()
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for name in filter(None, args.by_shape.split(",")):
+        shaped = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == name]
+        for e in sorted(shaped, key=lambda e: -e.self_cpu_time_total)[:5]:
+            per_call = e.self_cpu_time_total / e.count / 1e3
+            print(f"{name} {e.input_shapes}: {e.count} calls, {per_call:.2f} ms per call")
 
 
 if __name__ == "__main__":
