@@ -11,9 +11,10 @@
    ``use_fast_cpu_dropout`` and one with PyTorch's dropout, stepped alternately on the same
    batches (packed rows, as training on CPU; ``--padded`` for padded slices; the first step of
    each not counted), so machine noise hits both. ``--versus`` swaps the second copy for the
-   fast-dropout model with some dropout switched off, to measure what dropout costs (measurement
-   only: not training options), or (``--versus padded``) for the same model on padded slices of
-   the same pairs, to measure what packing gains:
+   fast-dropout model with some dropout switched off, to measure what dropout costs, or with its
+   word embeddings frozen (``--versus frozen-word-embeddings``), to measure what their gradient and
+   optimizer update cost (measurement only: not training options), or (``--versus padded``) for
+   the same model on padded slices of the same pairs, to measure what packing gains:
 
     python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --max-length 128 --group-by-length --steps 13 --versus no-dropout
@@ -52,7 +53,14 @@ def main() -> None:
     parser.add_argument(
         "--versus",
         default="torch-dropout",
-        choices=["torch-dropout", "no-dropout", "no-hidden-dropout", "no-attention-dropout", "padded"],
+        choices=[
+            "torch-dropout",
+            "no-dropout",
+            "no-hidden-dropout",
+            "no-attention-dropout",
+            "frozen-word-embeddings",
+            "padded",
+        ],
         help="the model stepped against fast_cpu_dropout",
     )
     args = parser.parse_args()
@@ -81,12 +89,14 @@ def main() -> None:
     fast_encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
     use_fast_cpu_dropout(fast_encoder)
     other = torch_encoder
-    if args.versus != "torch-dropout":  # the same fast-dropout model, with less dropout or padded
+    if args.versus != "torch-dropout":  # the same fast-dropout model, changed as --versus says
         use_fast_cpu_dropout(other)
+        if args.versus == "frozen-word-embeddings":
+            other.backbone.get_input_embeddings().weight.requires_grad_(False)
         for name, module in other.named_modules():
             attention = name.endswith("attention.self.dropout")  # BERT's attention-probability dropout
             if (
-                args.versus != "padded"
+                args.versus.startswith("no-")
                 and isinstance(module, torch.nn.Dropout)
                 and (args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout"))
             ):
