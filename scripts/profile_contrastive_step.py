@@ -8,13 +8,20 @@ InfoNCE loss step, fused AdamW from the training loop) on the packaged all-MiniL
 profiles ``--steps`` optimizer steps after ``--warmup-steps`` untimed ones, and prints the share of
 self CPU time per group of operators (matmuls, dropout, element-wise, optimizer, ...) and the top
 operators. This explains the model FLOP utilisation that ``bench_contrastive.py`` reports.
+
+``--time-ops`` then re-runs the steps without the profiler and times each call of the named
+operators with a dispatch mode, with the minor page faults it took: what an operator whose cost
+is page faults (the word-embedding gradient's fresh 47 MB) costs call by call.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,6 +69,11 @@ def main() -> None:
         "--by-shape",
         default="",
         help="comma-separated operators (e.g. aten::fill_,aten::copy_) to break down by input shape",
+    )
+    parser.add_argument(
+        "--time-ops",
+        default="",
+        help="comma-separated operators (e.g. aten::embedding_dense_backward) to time without the profiler",
     )
     parser.add_argument(
         "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
@@ -127,6 +139,43 @@ def main() -> None:
         for e in sorted(shaped, key=lambda e: -e.self_cpu_time_total)[:5]:
             per_call = e.self_cpu_time_total / e.count / 1e3
             print(f"{name} {e.input_shapes}: {e.count} calls, {per_call:.2f} ms per call")
+    if args.time_ops:
+        time_ops(step, batches[args.warmup_steps :], set(args.time_ops.split(",")))
+
+
+def time_ops(step, batches: list[dict], names: set[str]) -> None:
+    """Wall time and minor page faults per call of the ``names`` operators, over ``batches`` steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+
+    class OpTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name().split(".")[0]
+            if name not in names:
+                return func(*args, **(kwargs or {}))
+            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            seconds = time.perf_counter() - start
+            shape = str(list(out.shape)) if hasattr(out, "shape") else "-"  # the result's shape
+            calls[name, shape].append((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+            return out
+
+    step_seconds = []
+    for batch in batches:
+        start = time.perf_counter()
+        with OpTimer():
+            step(batch)
+        step_seconds.append(time.perf_counter() - start)
+    print(f"\nwithout the profiler: {statistics.median(step_seconds):.3f} s per step (median)")
+    top = sorted(calls.items(), key=lambda kv: -sum(s for s, _ in kv[1]))[:10]
+    for (name, shape), timed in top:
+        ms = [1e3 * s for s, _ in timed]
+        print(
+            f"{name} -> {shape}: {len(ms)} calls, {statistics.median(ms):.2f} ms per call (median; "
+            f"{min(ms):.2f}-{max(ms):.2f}), {sum(ms) / len(step_seconds):.1f} ms per step, "
+            f"page faults per call {min(f for _, f in timed)}-{max(f for _, f in timed)}"
+        )
 
 
 if __name__ == "__main__":
