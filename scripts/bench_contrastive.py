@@ -141,13 +141,16 @@ def bench_ember(
     model: str = MODEL,
     num_workers: int = 0,
     attention_dropout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
-    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs
-    one process of ``train.py`` with that many torch threads."""
+    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` or
+    ``env`` (extra environment variables) run one process of ``train.py`` of its own, whose peak
+    RSS and minor page faults go to ``LAST_EMBER_STATS`` too."""
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
+    LAST_EMBER_STATS.clear()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "bench.yaml"
     attention = "" if attention_dropout is None else f", attention_dropout: {attention_dropout}"
@@ -162,13 +165,17 @@ def bench_ember(
         f" pack_sequences: {packing}}}\n"
         "export: {enabled: false}\n"
     )
-    if processes == 1 and threads is None:
+    if processes == 1 and threads is None and env is None:
         fresh_accelerate_state()
         contrastive.run(load_config(str(cfg_path)))
     elif processes == 1:
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg_path)]
-        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+        child = subprocess.Popen(cmd, cwd=REPO, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        LAST_EMBER_STATS.update(peak_rss_mib=usage.ru_maxrss / 1024, minor_faults=usage.ru_minflt)
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
         cmd += [str(processes), "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]

@@ -93,14 +93,13 @@ def main() -> None:
         use_fast_cpu_dropout(other)
         if args.versus == "frozen-word-embeddings":
             other.backbone.get_input_embeddings().weight.requires_grad_(False)
-        for name, module in other.named_modules():
-            attention = name.endswith("attention.self.dropout")  # BERT's attention-probability dropout
-            if (
-                args.versus.startswith("no-")
-                and isinstance(module, torch.nn.Dropout)
-                and (args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout"))
-            ):
-                module.p = 0.0
+        if args.versus.startswith("no-"):
+            for name, module in other.named_modules():
+                attention = name.endswith("attention.self.dropout")  # BERT's attention-probability dropout
+                if isinstance(module, torch.nn.Dropout) and (
+                    args.versus == "no-dropout" or attention == (args.versus == "no-attention-dropout")
+                ):
+                    module.p = 0.0
     other_batches = padded_batches if args.versus == "padded" else batches
     models = {
         name: (enc, build_optimizer(enc, cfg.train), steps)
