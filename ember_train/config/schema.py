@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ember_train.encoder.pooling import POOLING_MODES
@@ -96,8 +97,26 @@ class TrainConfig:
 
 @dataclass
 class ExportConfig:
-    """Where the release (sentence-transformers) export goes, and its name in the model card."""
+    """Where the release (sentence-transformers) export goes, its name, and where it is published."""
 
     enabled: bool = True
     dir: str | None = None  # default: <output_dir>/final
-    model_name: str | None = None  # name in the model card; default: the directory name
+    model_name: str | None = None  # name in the model card; default: hub_repo_id, else the directory name
+    # Upload the export to this Hugging Face Hub model repository (created if missing) after the
+    # run; the token comes from `hf auth login` or HF_TOKEN, never from the config.
+    hub_repo_id: str | None = None
+    hub_private: bool = True  # visibility of a repository the run creates (an existing one keeps its own)
+
+    def __post_init__(self) -> None:
+        if self.hub_repo_id is not None:
+            if not self.enabled:
+                raise ValueError("hub_repo_id needs enabled: true (the export is what is uploaded)")
+            from huggingface_hub.utils import validate_repo_id
+
+            validate_repo_id(self.hub_repo_id)  # an HFValidationError (a ValueError) names the problem
+            if "/" not in self.hub_repo_id:
+                raise ValueError(f"hub_repo_id {self.hub_repo_id!r}: use 'user-or-org/name'")
+
+    def card_name(self, export_dir: str | Path) -> str:
+        """The model's name in its card (and in the card's usage snippets)."""
+        return self.model_name or self.hub_repo_id or Path(export_dir).name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -173,7 +174,8 @@ def render_model_card(
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "ember-train"]
         + (["mteb"] if results else []),
-        "base_model": base_model,
+        # The Hub rejects a card whose base_model is not a model id (a local path, say).
+        **({"base_model": base_model} if is_hub_model_id(base_model) else {}),
         "model-index": model_index(model_name, results),
     }
     parts = [
@@ -218,10 +220,21 @@ def render_model_card(
     return "\n".join(parts)
 
 
+def is_hub_model_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub model id, not a local directory or a ``package:`` path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith(("/", ".", "~", "package:")) or "://" in name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _link(base_model: str) -> str:
-    if base_model.startswith(("/", ".")) or "://" in base_model:
-        return base_model
-    return f"https://huggingface.co/{base_model}"
+    return f"https://huggingface.co/{base_model}" if is_hub_model_id(base_model) else base_model
 
 
 def split_front_matter(card: str) -> tuple[dict[str, Any], str]:

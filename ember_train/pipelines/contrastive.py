@@ -28,6 +28,7 @@ from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
 from ember_train.export import export_encoder
+from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.training.checkpoint import load_model_weights
@@ -215,6 +216,8 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
     if accelerator.is_main_process:
+        if cfg.export.hub_repo_id:
+            check_hub_access(cfg.export.hub_repo_id)
         save_config(cfg, output_dir / "config.yaml")
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
@@ -277,7 +280,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         if cfg.export.enabled:
             export_dir = Path(cfg.export.dir or output_dir / "final")
             card = render_model_card(
-                model_name=cfg.export.model_name or export_dir.name,
+                model_name=cfg.export.card_name(export_dir),
                 base_model=cfg.model.name_or_path,
                 results=after,
                 training=to_dict(cfg),
@@ -288,6 +291,11 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
             results["export_dir"] = str(export_dir)
             accelerator.print(f"exported to {export_dir}")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if cfg.export.hub_repo_id:
+            url = push_export(
+                export_dir, cfg.export.hub_repo_id, private=cfg.export.hub_private, command=command
+            )
+            accelerator.print(f"uploaded {export_dir} to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -298,7 +306,7 @@ def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     load_model_weights(encoder, checkpoint)
     card = render_model_card(
-        model_name=out_dir.name,
+        model_name=cfg.export.card_name(out_dir),
         base_model=cfg.model.name_or_path,
         results=[],
         training=to_dict(cfg),

@@ -27,7 +27,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember_train.config import ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.masking import RetroMAECollator
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.data.text_corpus import (
@@ -42,6 +42,7 @@ from ember_train.data.text_corpus import (
 from ember_train.encoder.encoder import resolve_model_path
 from ember_train.encoder.retromae import DECODER_WEIGHTS, RetroMAEModel
 from ember_train.export import export_encoder
+from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.retromae import RetroMAELoss
 from ember_train.training.loop import build_accelerator, train_loop
@@ -96,11 +97,10 @@ class MLMEvalConfig:
 
 
 @dataclass
-class RetroMAEExportConfig:
-    enabled: bool = True
-    dir: str | None = None  # sentence-transformers export; default: <output_dir>/final
+class RetroMAEExportConfig(ExportConfig):
+    """The encoder's export (``dir``, the one uploaded to the Hub), plus the MLM checkpoint + decoder."""
+
     pretrained_dir: str | None = None  # MLM checkpoint + decoder; default: <output_dir>/pretrained
-    model_name: str | None = None
 
 
 @dataclass
@@ -315,7 +315,7 @@ def save_outputs(
     """The MLM checkpoint + decoder, and the sentence-transformers export of the encoder."""
     model.save_pretrained(pretrained_dir)
     card = render_model_card(
-        model_name=cfg.export.model_name or export_dir.name,
+        model_name=cfg.export.card_name(export_dir),
         base_model=cfg.model.name_or_path,
         results=[],
         training=resolved_training_dict(cfg, model),
@@ -330,6 +330,8 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
     if accelerator.is_main_process:
+        if cfg.export.hub_repo_id:
+            check_hub_access(cfg.export.hub_repo_id)
         save_config(cfg, output_dir / "config.yaml")
 
     model = build_model(cfg)
@@ -394,6 +396,11 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
                 f"saved the MLM checkpoint + decoder to {pretrained_dir}, the encoder export to {export_dir}"
             )
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if cfg.export.hub_repo_id:
+            url = push_export(
+                export_dir, cfg.export.hub_repo_id, private=cfg.export.hub_private, command=command
+            )
+            accelerator.print(f"uploaded {export_dir} to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

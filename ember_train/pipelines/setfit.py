@@ -44,6 +44,7 @@ from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit
 from ember_train.encoder.packing import describe_batches, use_packing
 from ember_train.evaluation.base import EvalResult, percent
 from ember_train.evaluation.sts import STSEvaluator
+from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.cosine import build_pair_loss
 from ember_train.setfit_model import SetFitStyleModel
@@ -389,6 +390,8 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
             "head.end_to_end is not supported under DeepSpeed (one training phase per run); use DDP"
         )
     if accelerator.is_main_process:
+        if cfg.export.hub_repo_id:
+            check_hub_access(cfg.export.hub_repo_id)
         save_config(cfg, output_dir / "config.yaml")
     data = cfg.data
 
@@ -536,7 +539,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         if cfg.export.enabled:
             export_dir = Path(cfg.export.dir or output_dir / "final")
             card = render_model_card(
-                model_name=cfg.export.model_name or export_dir.name,
+                model_name=cfg.export.card_name(export_dir),
                 base_model=cfg.model.name_or_path,
                 results=list(after.values()),
                 training=to_dict(cfg),
@@ -551,6 +554,11 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
             accelerator.print(f"exported to {export_dir}")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if cfg.export.hub_repo_id:
+            url = push_export(
+                export_dir, cfg.export.hub_repo_id, private=cfg.export.hub_private, command=command
+            )
+            accelerator.print(f"uploaded {export_dir} to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -621,7 +629,7 @@ def export_checkpoint(cfg: SetFitConfig, checkpoint: Path, out_dir: Path) -> Pat
     model = SetFitStyleModel(encoder, head)
     load_model_weights(model, checkpoint)
     card = render_model_card(
-        model_name=out_dir.name,
+        model_name=cfg.export.card_name(out_dir),
         base_model=cfg.model.name_or_path,
         results=[],
         training=to_dict(cfg),
