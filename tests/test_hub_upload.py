@@ -34,6 +34,7 @@ class FakeHub:
         self.root, self.watch = root, watch
         self.log: list[tuple[str, dict, bool]] = []
         self.fail: dict[str, Exception] = {}
+        self.token_role = "write"
 
     def __call__(self, *args, **kwargs) -> FakeHub:  # HfApi(...) -> this fake
         return self
@@ -49,7 +50,7 @@ class FakeHub:
 
     def whoami(self, *args, **kwargs) -> dict:
         self._record("whoami", *args, **kwargs)
-        return {"name": "someone"}
+        return {"name": "someone", "auth": {"type": "access_token", "accessToken": {"role": self.token_role}}}
 
     def create_repo(self, *args, **kwargs) -> str:
         bound = self._record("create_repo", *args, **kwargs)
@@ -117,7 +118,7 @@ def test_a_run_checks_access_first_and_uploads_its_export(task, tiny_bert_path, 
     assert f"SentenceTransformer('{REPO_ID}')" in body
 
 
-def test_offline_or_without_a_token_fails_before_training(tiny_bert_path, tmp_path, fake_hub, monkeypatch):
+def test_hub_access_problems_fail_before_training(tiny_bert_path, tmp_path, fake_hub, monkeypatch):
     cfg_path = run_config("contrastive", tiny_bert_path, tmp_path)
     cfg = load_config(str(cfg_path), [f"export.hub_repo_id={REPO_ID}"])
 
@@ -128,17 +129,23 @@ def test_offline_or_without_a_token_fails_before_training(tiny_bert_path, tmp_pa
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     unauthorized = SimpleNamespace(status_code=401, headers={}, request=None)  # the response's parts it reads
+    bad_gateway = SimpleNamespace(status_code=502, headers={}, request=None)
     for error, message in [
         (LocalTokenNotFoundError("Token is required"), "no Hugging Face token"),
         (
             HfHubHTTPError("401 Unauthorized", response=unauthorized),
             "refused the token",
         ),
+        (HfHubHTTPError("502 Bad Gateway", response=bad_gateway), "cannot reach the Hugging Face Hub"),
         (ConnectionError("Name or service not known"), "cannot reach the Hugging Face Hub"),
     ]:
         fake_hub.fail["whoami"] = error
         with pytest.raises(ConfigError, match=message):
             get_pipeline("contrastive").run(cfg)
+    fake_hub.fail.clear()
+    fake_hub.token_role = "read"
+    with pytest.raises(ConfigError, match="read-only"):
+        get_pipeline("contrastive").run(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 

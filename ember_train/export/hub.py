@@ -7,12 +7,15 @@ upload never loses the model: the error says how to upload the directory by hand
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from ember_train.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class HubUploadError(RuntimeError):
@@ -21,29 +24,31 @@ class HubUploadError(RuntimeError):
 
 def check_hub_access(repo_id: str) -> str:
     """The Hub user this process would upload ``repo_id`` as; :class:`ConfigError` if it cannot."""
+    where = f"export.hub_repo_id={repo_id!r}"
+    login = "Log in with `hf auth login` or set HF_TOKEN (a token with write access)"
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
-            f"export.hub_repo_id={repo_id!r} needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; "
+            f"{where} needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; "
             "unset it, or drop export.hub_repo_id and upload the export later"
         )
     try:
         user = HfApi().whoami()
     except LocalTokenNotFoundError as e:
+        raise ConfigError(f"{where}: no Hugging Face token. {login}") from e
+    except Exception as e:  # a rejected token, no network, DNS, proxy, a Hub error
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, HfHubHTTPError) and status in (401, 403):
+            raise ConfigError(f"{where}: the Hub refused the token ({e}). {login}") from e
         raise ConfigError(
-            f"export.hub_repo_id={repo_id!r}: no Hugging Face token. Log in with `hf auth login` or "
-            "set HF_TOKEN (a token with write access)"
+            f"{where}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(e).__name__}: {e}); "
+            "check the network, or drop export.hub_repo_id and upload the export later"
         ) from e
-    except HfHubHTTPError as e:  # 401: a wrong or revoked token
-        raise ConfigError(
-            f"export.hub_repo_id={repo_id!r}: the Hub refused the token ({e}). Log in again with "
-            "`hf auth login` or set HF_TOKEN (a token with write access)"
-        ) from e
-    except Exception as e:  # no network, DNS, proxy
-        raise ConfigError(
-            f"export.hub_repo_id={repo_id!r}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-            f"({type(e).__name__}: {e}); check the network, or drop export.hub_repo_id and upload later"
-        ) from e
-    return str(user.get("name", ""))
+    role = user.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":  # the commonest mistake, which would otherwise surface only after training
+        raise ConfigError(f"{where}: the Hugging Face token is read-only. {login}")
+    name = str(user.get("name", ""))
+    logger.info("the export will be uploaded to %s as %s", repo_id, name)
+    return name
 
 
 def push_export(export_dir: str | Path, repo_id: str, *, private: bool, command: str | None = None) -> str:
