@@ -1,6 +1,7 @@
 """CPU dropout masks drawn 16 bits at a time: the same dropout, in distribution and in the model."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoModel, BertConfig, BertModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ember_train.config import TrainConfig
+from ember_train.encoder.encoder import enable_activation_checkpointing
 from ember_train.encoder.fast_dropout import (
     ATTENTION_IMPLEMENTATION,
     FastCPUDropout,
@@ -193,7 +195,10 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
         model = _tiny_bert(0.2, 0.2).train()
         use_fast_cpu_dropout(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)  # no deprecated API on the way
+                enable_activation_checkpointing(model)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         torch.manual_seed(3)
         model(**_inputs()).last_hidden_state.pow(2).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -168,6 +168,19 @@ def sort_and_cut(
     return order, padding_optimal_cuts(lengths[order].tolist(), num_slices, multiple_of)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model, under either name of the API.
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns and goes in v6); earlier versions have only the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def restore_order(sorted_embeddings: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
     """Embeddings of :meth:`Encoder.tokenize_by_length` slices, concatenated, back in text order."""
     return torch.cat(list(sorted_embeddings))[torch.argsort(order.to(sorted_embeddings[0].device))]
@@ -410,4 +423,4 @@ class Encoder(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant checkpointing: safe under DDP and with several forwards per step."""
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(self.backbone)
