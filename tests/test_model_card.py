@@ -168,3 +168,48 @@ def test_base_model_metadata_only_for_hub_model_ids(base_model, on_the_hub, tmp_
         model_name="m", base_model="bert-base-uncased", results=[], training={}, command=None
     )
     assert "base_model" not in split_front_matter(card)[0]
+
+
+def test_the_hub_client_reads_the_card_metadata():
+    """huggingface_hub's own parser (what the Hub's card tooling uses) reads base model and scores."""
+    from huggingface_hub import ModelCard
+
+    results = [
+        EvalResult(
+            task_type="STS",
+            dataset="STSBenchmark",
+            split="test",
+            metrics={"cosine_spearman": 82.5},
+            main_metric="cosine_spearman",
+        ),
+        EvalResult(
+            task_type="Retrieval",
+            dataset="dev",
+            split="dev",
+            metrics={"ndcg@10": 91.25},
+            main_metric="ndcg@10",
+        ),
+    ]
+    card = render_model_card(
+        model_name="org/ember-debian",
+        base_model="BAAI/bge-base-en-v1.5",
+        results=results,
+        training={},
+        command=None,
+    )
+    data = ModelCard(card).data
+    assert (data.base_model, data.library_name, data.model_name) == (
+        "BAAI/bge-base-en-v1.5",
+        "sentence-transformers",
+        "org/ember-debian",
+    )
+    read = {
+        (e.dataset_name, e.dataset_type, e.dataset_split, e.metric_type): e.metric_value
+        for e in data.eval_results
+    }
+    assert read == {
+        ("STSBenchmark", "mteb/stsbenchmark-sts", "test", "cosine_spearman"): 82.5,
+        ("STSBenchmark", "mteb/stsbenchmark-sts", "test", "main_score"): 82.5,
+        ("dev", "dev", "dev", "ndcg_at_10"): 91.25,
+        ("dev", "dev", "dev", "main_score"): 91.25,
+    }
