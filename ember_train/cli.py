@@ -65,8 +65,7 @@ def export_command(args: argparse.Namespace) -> int:
         from ember_train.export.hub import push_export
 
         command = "ember-train export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        url = push_export(out, args.hub_repo_id, private=cfg.export.hub_private, command=command)
-        print(f"uploaded {out} to {url}")
+        print(f"uploaded {out} to {push_export(out, cfg.export, command)}")
     return 0
 
 

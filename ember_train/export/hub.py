@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from ember_train.config import ConfigError
+from ember_train.config import ConfigError, ExportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,17 @@ def check_hub_access(repo_id: str) -> str:
     return name
 
 
-def push_export(export_dir: str | Path, repo_id: str, *, private: bool, command: str | None = None) -> str:
-    """Upload the export directory to the model repository ``repo_id`` (created if missing); its URL.
+def push_export(export_dir: str | Path, export: ExportConfig, command: str | None = None) -> str:
+    """Upload the export directory to ``export.hub_repo_id`` (created if missing); its URL.
 
     ``command`` (what produced the export) goes into the commit's description.
     """
+    repo_id = export.hub_repo_id
+    if not repo_id:
+        raise ValueError("push_export needs export.hub_repo_id")
     api = HfApi()
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        url = api.create_repo(repo_id, private=export.hub_private, exist_ok=True, repo_type="model")
         api.upload_folder(
             repo_id=repo_id,
             folder_path=str(export_dir),

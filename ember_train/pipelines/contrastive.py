@@ -292,10 +292,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
             accelerator.print(f"exported to {export_dir}")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         if cfg.export.hub_repo_id:
-            url = push_export(
-                export_dir, cfg.export.hub_repo_id, private=cfg.export.hub_private, command=command
-            )
-            accelerator.print(f"uploaded {export_dir} to {url}")
+            accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -397,10 +397,7 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
             )
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         if cfg.export.hub_repo_id:
-            url = push_export(
-                export_dir, cfg.export.hub_repo_id, private=cfg.export.hub_private, command=command
-            )
-            accelerator.print(f"uploaded {export_dir} to {url}")
+            accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
