@@ -20,7 +20,8 @@ from ember_train.data.reader import DataError
 
 def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+    # accelerate logs five INFO lines per checkpoint; ember-train's own "saved checkpoint" says it.
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

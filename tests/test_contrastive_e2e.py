@@ -100,6 +100,9 @@ def test_cli_train_and_export_checkpoint(tmp_path, tiny_bert_path):
     done = subprocess.run(env_run + ["train.max_steps=3"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "final" / "modules.json").is_file()
+    # One log line per checkpoint: accelerate's own INFO lines about each saved file are silenced.
+    assert "saved checkpoint" in done.stderr
+    assert "Saving current state" not in done.stderr
 
     out = tmp_path / "exported"
     done = subprocess.run(
