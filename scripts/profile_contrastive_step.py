@@ -9,6 +9,10 @@ profiles ``--steps`` optimizer steps after ``--warmup-steps`` untimed ones, and 
 self CPU time per group of operators (matmuls, dropout, element-wise, optimizer, ...) and the top
 operators. This explains the model FLOP utilisation that ``bench_contrastive.py`` reports.
 
+``--count-host-reads`` counts, by source line, the device values one loss step (forward, loss,
+backward) reads back to the host (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, ...),
+each of which makes the host wait for a GPU; the loop's own reads are not in this step.
+
 ``--time-ops`` then re-runs the steps without the profiler and times each call of the named
 operators with a dispatch mode, with the minor page faults it took: what an operator whose cost
 is page faults (the word-embedding gradient's fresh 47 MB) costs call by call.
@@ -22,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +78,11 @@ def main() -> None:
         "--time-ops",
         default="",
         help="comma-separated operators (e.g. aten::embedding_dense_backward) to time without the profiler",
+    )
+    parser.add_argument(
+        "--count-host-reads",
+        action="store_true",
+        help="count device values read on the host in one loss step",
     )
     parser.add_argument(
         "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
@@ -141,6 +150,35 @@ def main() -> None:
             print(f"{name} {e.input_shapes}: {e.count} calls, {per_call:.2f} ms per call")
     if args.time_ops:
         time_ops(step, batches[args.warmup_steps :], set(args.time_ops.split(",")))
+    if args.count_host_reads:
+        count_host_reads(lambda batch: loss_step(encoder, batch)[0].backward(), batches[-1])
+
+
+def count_host_reads(loss_step_and_backward, batch: dict) -> None:
+    """Print how many device values one loss step reads on the host, by the line that reads them."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: Counter[str] = Counter()
+
+    class ReadCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().split(".")[0] == "aten::_local_scalar_dense":
+                frames = [f for f in traceback.extract_stack() if "ember_train" in f.filename]
+                where = (
+                    f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line}"
+                    if frames
+                    else "?"
+                )
+                reads[where] += 1
+            return func(*args, **(kwargs or {}))
+
+    with ReadCounter():
+        loss_step_and_backward(batch)
+    print(f"\nhost reads in one loss step: {sum(reads.values())}")
+    for where, count in reads.most_common():
+        print(f"{count:4d}  {where}")
 
 
 def time_ops(step, batches: list[dict], names: set[str]) -> None:
