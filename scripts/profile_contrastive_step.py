@@ -10,8 +10,9 @@ self CPU time per group of operators (matmuls, dropout, element-wise, optimizer,
 operators. This explains the model FLOP utilisation that ``bench_contrastive.py`` reports.
 
 ``--count-host-reads`` counts, by source line, the device values one loss step (forward, loss,
-backward) reads back to the host (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, ...),
-each of which makes the host wait for a GPU; the loop's own reads are not in this step.
+backward) reads back to the host (``.item()``, ``int(t)``, ``if t:``, ``.tolist()``, ...: see
+``ember_train.training.host_reads``), each of which makes the host wait for a GPU; the loop's
+own read (one per optimizer step) is not in this step.
 
 ``--time-ops`` then re-runs the steps without the profiler and times each call of the named
 operators with a dispatch mode, with the minor page faults it took: what an operator whose cost
@@ -26,13 +27,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+from ember_train.training.host_reads import HostReadCounter  # noqa: E402
 
 GROUPS = {
     "matmul (mm, addmm, bmm)": {"aten::mm", "aten::addmm", "aten::bmm"},
@@ -156,28 +158,10 @@ def main() -> None:
 
 def count_host_reads(loss_step_and_backward, batch: dict) -> None:
     """Print how many device values one loss step reads on the host, by the line that reads them."""
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads: Counter[str] = Counter()
-
-    class ReadCounter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.name().split(".")[0] == "aten::_local_scalar_dense":
-                frames = [f for f in traceback.extract_stack() if "ember_train" in f.filename]
-                where = (
-                    f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line}"
-                    if frames
-                    else "?"
-                )
-                reads[where] += 1
-            return func(*args, **(kwargs or {}))
-
-    with ReadCounter():
+    with HostReadCounter() as reads:
         loss_step_and_backward(batch)
-    print(f"\nhost reads in one loss step: {sum(reads.values())}")
-    for where, count in reads.most_common():
+    print(f"\nhost reads in one loss step: {reads.total}")
+    for where, count in reads.by_line.most_common():
         print(f"{count:4d}  {where}")
 
 

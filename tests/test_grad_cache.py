@@ -66,7 +66,7 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, devi
 
     torch.manual_seed(123)
     ctx = StepContext(
-        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, loss_is_finite=lambda t: True
+        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, may_backward=lambda t: True
     )
     loss = grad_cache_step(encoder, [q_features, d_features], lambda emb: _loss(emb, loss_fn), ctx, chunk)
     assert loss.item() == reference_loss.item()

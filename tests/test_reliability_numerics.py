@@ -165,6 +165,32 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, capl
     assert [records[step]["loss_scale"] for step in range(1, 7)] == [2.0**15, 2.0**14] + [2.0**13] * 4
 
 
+def test_fp16_nan_loss_in_one_micro_batch_skips_the_step_and_keeps_the_scale(
+    tmp_path, caplog, fp16_accelerator_on_cpu
+):
+    """A NaN loss is not an overflow: the step is skipped, the scale stays, and training goes on.
+
+    With accumulation the step's other micro-batch has gradients, so the GradScaler has unscaled
+    them before the skip; it must be reset (before the fix the next step raised "unscale_() has
+    already been called on this optimizer since the last update()").
+    """
+    caplog.set_level(logging.WARNING)
+    result = run_tiny(
+        tmp_path / "run",
+        poison=lambda call, loss: loss * NAN if call == 3 else loss,  # step 2's first micro-batch
+        accelerator=fp16_accelerator_on_cpu,
+        max_steps=3,
+        gradient_accumulation_steps=2,
+    )
+    assert result["step"] == 3
+    assert "step 2: non-finite loss; skipping the update (1 in a row)" in caplog.text
+    assert "step 2: fp16 gradient overflow" not in caplog.text
+    records = {
+        r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    }
+    assert records[2]["loss_scale"] == records[1]["loss_scale"]  # a NaN loss does not lower the scale
+
+
 def test_cli_reports_the_stop_in_one_line(tmp_path, tiny_bert_path, monkeypatch, capsys):
     """Through the contrastive pipeline and the CLI: exit code 1, the step, the checkpoint, no traceback."""
     real = contrastive.make_loss_step

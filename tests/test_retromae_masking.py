@@ -293,7 +293,10 @@ def test_collator_batch_contract_and_seeding(wordpiece):
     again = collator(items)
     other = collator([{"text": t, "key": (1, 5)} for t in corpus_texts(6)])
     for key in batch:
-        assert torch.equal(batch[key], again[key])
+        if key == "token_counts":
+            assert batch[key] == again[key]
+        else:
+            assert torch.equal(batch[key], again[key])
     assert not torch.equal(batch["encoder_input_ids"], other["encoder_input_ids"])
     b, length = batch["input_ids"].shape
     assert length <= 64
@@ -307,6 +310,11 @@ def test_collator_batch_contract_and_seeding(wordpiece):
     scored = batch["encoder_labels"] != IGNORE_INDEX
     assert scored.any(dim=1).all()
     assert not scored[:, 0].any()
+    # The scored positions, listed on the host (flat indices), and the token counts for the logs.
+    assert torch.equal(batch["encoder_positions"], scored.flatten().nonzero().squeeze(1))
+    assert torch.equal(batch["decoder_positions"], expected.flatten().nonzero().squeeze(1))
+    real = int(batch["attention_mask"].sum())
+    assert batch["token_counts"] == {"tokens": real, "padding_tokens": batch["attention_mask"].numel() - real}
 
 
 def test_mask_memory_at_batch_32_by_512():

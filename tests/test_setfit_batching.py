@@ -86,7 +86,7 @@ def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path, pack):
     model.zero_grad(set_to_none=True)
 
     ctx = StepContext(
-        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, loss_is_finite=lambda t: True
+        backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, may_backward=lambda t: True
     )
     cached_loss, _ = make_pair_loss_step(loss_fn, grad_cache_chunk_size=3)(model, batch, ctx)
     torch.testing.assert_close(cached_loss, plain_loss.detach(), rtol=1e-5, atol=1e-6)

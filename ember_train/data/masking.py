@@ -19,7 +19,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ember_train.encoder.retromae import decoder_attention_mask
+from ember_train.data.pairs import token_counts
+from ember_train.encoder.retromae import IGNORE_INDEX, decoder_attention_mask
 
 WordScheme = Literal["wordpiece", "bpe", "sentencepiece", "none"]
 
@@ -29,7 +30,6 @@ _MARKERS: dict[str, tuple[WordScheme, bool]] = {
     "\u0120": ("bpe", True),  # Ġ: byte-level BPE's encoded space
     "\u2581": ("sentencepiece", True),  # ▁: SentencePiece's whitespace marker
 }
-IGNORE_INDEX = -100
 
 
 def require_mask_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -188,7 +188,9 @@ class RetroMAECollator:
 
     Returned tensors (``[B, L]`` unless noted): ``input_ids`` (original), ``attention_mask``,
     ``encoder_input_ids`` (masked, 80/10/10), ``encoder_labels``, ``decoder_labels`` (every real
-    token but position 0) and ``decoder_visible`` (``[B, L, L]`` booleans).
+    token but position 0) and ``decoder_visible`` (``[B, L, L]`` booleans); ``encoder_positions``
+    and ``decoder_positions``, the flat indices of the scored positions of each labels tensor; and
+    ``token_counts`` (floats, for the logs).
     """
 
     def __init__(
@@ -239,4 +241,13 @@ class RetroMAECollator:
             "decoder_visible": decoder_attention_mask(
                 groups, attention_mask, self.decoder_mask_ratio, generator
             ),
+            # Found here, on the host: boolean selection on a GPU would make the host wait for it.
+            "encoder_positions": target_positions(encoder_labels),
+            "decoder_positions": target_positions(decoder_labels),
+            "token_counts": token_counts(encoded),
         }
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``labels.flatten()``) of the positions that have a target."""
+    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)

@@ -134,7 +134,7 @@ class PairCollator:
     in the short queries) to 4.6% at batch 32. With ``pack`` each side is instead one padding-free
     row (:meth:`Encoder.tokenize_packed`), sorted and cut the same way for attention.
     ``query_order``/``document_order`` put the slices' rows back in text order
-    (:func:`~ember_train.encoder.restore_order`).
+    (:func:`~ember_train.encoder.restore_order`); ``token_counts`` are for the logs.
     """
 
     def __init__(
@@ -176,7 +176,8 @@ class PairCollator:
             "query_order": query_order,
             "documents": documents,
             "document_order": document_order,
-            "num_negatives": torch.tensor(self.num_negatives),
+            # Counted here, on the host: after the batch moves to a GPU, reading them would stall it.
+            "token_counts": token_counts(*queries, *documents),
         }
 
 

@@ -397,22 +397,22 @@ class RetroMAEModel(nn.Module):
         ).last_hidden_state
         h = pool(hidden, attention_mask, self.pooling)
 
-        encoder_labels = batch["encoder_labels"]
-        encoder_sel = encoder_labels != IGNORE_INDEX
-        encoder_logits = self.head(hidden[encoder_sel])
+        # Only the scored positions go through the MLM head; the collator lists them (flat
+        # indices), since finding them here would make a GPU wait for the host.
+        encoder_at = batch["encoder_positions"]
+        encoder_logits = self.head(hidden.flatten(0, 1)[encoder_at])
 
         input_ids = batch["input_ids"]
         query = self.query_stream_from(h, input_ids.shape[1])
         content = self.content_stream_from(h, input_ids)
         decoded = self.decoder(query, content, batch["decoder_visible"])
-        decoder_labels = batch["decoder_labels"]
-        decoder_sel = decoder_labels != IGNORE_INDEX
-        decoder_logits = self.head(decoded[decoder_sel])
+        decoder_at = batch["decoder_positions"]
+        decoder_logits = self.head(decoded.flatten(0, 1)[decoder_at])
         return RetroMAEOutput(
             encoder_logits=encoder_logits,
-            encoder_targets=encoder_labels[encoder_sel],
+            encoder_targets=batch["encoder_labels"].flatten()[encoder_at],
             decoder_logits=decoder_logits,
-            decoder_targets=decoder_labels[decoder_sel],
+            decoder_targets=batch["decoder_labels"].flatten()[decoder_at],
             embedding=h,
         )
 

@@ -37,14 +37,15 @@ class RetroMAELoss:
         self.encoder_weight = encoder_weight
         self.decoder_weight = decoder_weight
 
-    def __call__(self, output: RetroMAEOutput) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, output: RetroMAEOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         enc_loss, enc_acc = token_cross_entropy(output.encoder_logits, output.encoder_targets)
         dec_loss, dec_acc = token_cross_entropy(output.decoder_logits, output.decoder_targets)
         loss = self.encoder_weight * enc_loss + self.decoder_weight * dec_loss
+        # 0-d tensors, not floats: the training loop reads them with the loss, once per step.
         metrics = {
-            "enc_mlm_loss": enc_loss.item(),
-            "dec_mlm_loss": dec_loss.item(),
-            "enc_mlm_acc": enc_acc.item(),
-            "dec_mlm_acc": dec_acc.item(),
+            "enc_mlm_loss": enc_loss.detach(),
+            "dec_mlm_loss": dec_loss.detach(),
+            "enc_mlm_acc": enc_acc,
+            "dec_mlm_acc": dec_acc,
         }
         return loss, metrics

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
-from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs, token_counts
+from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder, restore_order
 from ember_train.encoder.packing import describe_batches, use_packing
@@ -134,33 +134,29 @@ def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
     runs its own backward passes (the loop is told so via ``backward_in_step``).
     """
 
-    def loss_from_embeddings(
-        query: torch.Tensor, documents: torch.Tensor, num_negatives: int
-    ) -> torch.Tensor:
+    def loss_from_embeddings(query: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
         size = query.shape[0]
+        num_negatives = documents.shape[0] // size - 1  # from shapes: no read of device values
         negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
         return loss_fn(query, documents[:size], negatives)
 
     def counts(batch: dict[str, Any]) -> dict[str, float]:
-        return {
-            "samples": float(batch["query_order"].shape[0]),
-            **token_counts(*batch["query"], *batch["documents"]),
-        }
+        return {"samples": float(batch["query_order"].shape[0]), **batch["token_counts"]}
 
     def loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         query = restore_order([model(s) for s in batch["query"]], batch["query_order"])
         documents = restore_order([model(s) for s in batch["documents"]], batch["document_order"])
-        return loss_from_embeddings(query, documents, int(batch["num_negatives"])), counts(batch)
+        return loss_from_embeddings(query, documents), counts(batch)
 
     def cached_loss_step(
         model: nn.Module, batch: dict[str, Any], ctx: StepContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        num_negatives, num_query_slices = int(batch["num_negatives"]), len(batch["query"])
+        num_query_slices = len(batch["query"])
 
         def loss_from_slices(embeddings: list[torch.Tensor]) -> torch.Tensor:
             query = restore_order(embeddings[:num_query_slices], batch["query_order"])
             documents = restore_order(embeddings[num_query_slices:], batch["document_order"])
-            return loss_from_embeddings(query, documents, num_negatives)
+            return loss_from_embeddings(query, documents)
 
         loss = grad_cache_step(
             model, [*batch["query"], *batch["documents"]], loss_from_slices, ctx, grad_cache_chunk_size

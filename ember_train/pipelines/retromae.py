@@ -220,15 +220,9 @@ def make_dataloader(
 
 
 def make_loss_step(loss_fn: RetroMAELoss):
-    def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, metrics = loss_fn(model(batch))
-        real = float(batch["attention_mask"].sum())
-        metrics.update(
-            samples=float(batch["input_ids"].shape[0]),
-            tokens=real,
-            padding_tokens=float(batch["attention_mask"].numel()) - real,
-        )
-        return loss, metrics
+        return loss, {**metrics, "samples": float(batch["input_ids"].shape[0]), **batch["token_counts"]}
 
     return loss_step
 

@@ -168,6 +168,7 @@ class TargetPairCollator:
             "chunks": chunks,
             "order": order,
             "label": torch.tensor([float(it["label"]) for it in items]),
+            "token_counts": token_counts(*chunks),  # on the host, before the batch moves to a GPU
         }
 
 
@@ -229,7 +230,7 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
         return loss_fn(embeddings[:size], embeddings[size:], batch["label"])
 
     def counts(batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": float(batch["label"].shape[0]), **token_counts(*batch["chunks"])}
+        return {"samples": float(batch["label"].shape[0]), **batch["token_counts"]}
 
     def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         sorted_embeddings = [model(chunk, output="embedding") for chunk in batch["chunks"]]

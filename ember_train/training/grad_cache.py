@@ -33,13 +33,14 @@ class StepContext:
 
     ``backward(t)`` back-propagates ``t`` scaled for gradient accumulation (and by the fp16 loss
     scaler); ``no_sync()`` suspends DDP's all-reduce; ``sync`` says whether this micro-step's
-    gradients must be all-reduced; ``loss_is_finite(loss)`` agrees across processes.
+    gradients must be all-reduced; ``may_backward(loss)`` says whether to back-propagate the
+    loss at all (False only for a non-finite loss under DeepSpeed, agreed across processes).
     """
 
     backward: Callable[[torch.Tensor], None]
     no_sync: Callable[[], object]
     sync: bool
-    loss_is_finite: Callable[[torch.Tensor], bool]
+    may_backward: Callable[[torch.Tensor], bool]
 
 
 class _RNGState:
@@ -87,7 +88,7 @@ def grad_cache_step(
     # 2. Loss on the whole batch, gradient with respect to the embeddings only.
     leaves = [e.detach().requires_grad_() for e in embeddings]
     loss = loss_from_embeddings(leaves)
-    if not ctx.loss_is_finite(loss.detach()):
+    if not ctx.may_backward(loss.detach()):
         return loss.detach()
     cached = torch.autograd.grad(loss, leaves)
 

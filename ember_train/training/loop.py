@@ -2,7 +2,8 @@
 
 The only pipeline-specific piece is ``loss_step(model, batch) -> (loss, metrics)``. Everything
 else (optimizer, schedule, accumulation, clipping, precision, non-finite guards, logging,
-evaluation, checkpoints and exact resume) is here, once.
+evaluation, checkpoints and exact resume) is here, once. The loop reads device values on the
+host once per optimizer step (:func:`_read_step`), so a GPU's queue never drains mid-step.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ember_train.training.logging import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
-LossStep = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+# Metric values are floats or 0-d tensors (read on the host with the loss, once per optimizer step).
+LossStep = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,7 +161,9 @@ def train_loop(
         dynamic_ncols=True,
     )
     last_logged: dict[str, float] = {}
-    step_finite = True  # every micro-batch of the current optimizer step had a finite loss
+    # This optimizer step's micro-batches: (detached loss, metrics). Their device values are read
+    # on the host once, at the step's end, so that a GPU is not made to wait after every forward.
+    micro_batches: list[tuple[torch.Tensor, dict[str, Any]]] = []
     start_time = time.perf_counter()
     model.train()
 
@@ -177,31 +181,35 @@ def train_loop(
             sync = state.batch_in_epoch % accum == 0 or state.batch_in_epoch == batches_per_epoch
             batch = send_to_device(batch, accelerator.device)
 
-            # Forward + backward; gradients are only all-reduced on the last micro-batch.
+            # Forward + backward; gradients are only all-reduced on the last micro-batch. A
+            # non-finite loss is back-propagated like any other (its gradients spoil the step,
+            # which is then skipped), except under DeepSpeed, whose engine steps the optimizer
+            # inside backward: there it must be stopped before.
             if backward_in_step:  # e.g. the gradient cache, which runs several backward passes
                 ctx = StepContext(
                     backward=lambda t: accelerator.backward(t / accum),
                     no_sync=lambda: zero.no_sync(accelerator, model),
                     sync=sync,
-                    loss_is_finite=lambda t: _all_finite(accelerator, t),
+                    may_backward=lambda t: _may_backward(accelerator, t),
                 )
                 with accelerator.autocast():
                     loss, step_metrics = loss_step(model, batch, ctx)
-                finite = _all_finite(accelerator, loss.detach())
             else:
                 with zero.no_sync(accelerator, model) if not sync else nullcontext():
                     with accelerator.autocast():
                         loss, step_metrics = loss_step(model, batch)
-                    finite = _all_finite(accelerator, loss.detach())
-                    if finite:
+                    if _may_backward(accelerator, loss.detach()):
                         accelerator.backward(loss / accum)
-            metrics_logger.accumulate({"loss": loss.item(), **step_metrics} if finite else step_metrics)
-            # One bad micro-batch spoils the step: updating with the others' gradients would hide it.
-            step_finite = step_finite and finite
+            micro_batches.append((loss.detach(), step_metrics))
 
             if not sync:
                 continue
-            grad_norm = _clip_and_norm(accelerator, model, cfg.max_grad_norm)
+            grad_norm_value = _clip_and_norm(accelerator, model, cfg.max_grad_norm)
+            # The step's one host read: losses, metrics and gradient norm together.
+            step_finite, grad_norm, records = _read_step(accelerator, micro_batches, grad_norm_value)
+            micro_batches.clear()
+            for record in records:
+                metrics_logger.accumulate(record)
             # fp16: a non-finite gradient is a loss-scale overflow; the GradScaler must see it
             # (it skips the update and lowers the scale), or its next unscale_ fails.
             overflow = step_finite and not math.isfinite(grad_norm) and accelerator.scaler is not None
@@ -222,6 +230,8 @@ def train_loop(
                 # Early overflows while the scale settles are normal; below 1 they are not.
                 state.nonfinite_streak = state.nonfinite_streak + 1 if scale < 1 else 0
             else:
+                if accelerator.scaler is not None:  # unscale_ ran without a step: start it afresh
+                    accelerator.scaler.update(accelerator.scaler.get_scale())
                 state.nonfinite_streak += 1
                 logger.warning(
                     "step %d: non-finite %s; skipping the update (%d in a row)",
@@ -230,12 +240,12 @@ def train_loop(
                     state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
-            step_finite = True
             state.step += 1
             progress.update(1)
 
             if state.nonfinite_streak >= cfg.max_nonfinite_steps:
                 path = save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                progress.close()  # an open bar would garble the error line printed after it
                 raise NonFiniteLossError(
                     f"stopping at step {state.step}: {state.nonfinite_streak} consecutive non-finite losses or "
                     f"gradients (max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at {path}"
@@ -272,23 +282,69 @@ def train_loop(
     }
 
 
-def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every process; all processes must agree to skip a step."""
+def _may_backward(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether to back-propagate this loss. Always, except a non-finite one under DeepSpeed.
+
+    Elsewhere a non-finite loss is caught once per optimizer step by :func:`_read_step` (no host
+    read here). DeepSpeed's engine steps inside ``backward``, so its processes must agree first.
+    """
+    if not zero.active(accelerator):
+        return True
     flag = torch.isfinite(loss).all().float().reshape(1)
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
     return bool(flag.item() == 1.0)
 
 
-def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
-    """Clip (if asked) and return the global gradient norm, identical on every process."""
+def _read_step(
+    accelerator: Accelerator,
+    micro_batches: list[tuple[torch.Tensor, dict[str, Any]]],
+    grad_norm: torch.Tensor | float,
+) -> tuple[bool, float, list[dict[str, float]]]:
+    """Read an optimizer step's device values on the host, in one transfer.
+
+    Returns whether every micro-batch's loss was finite on every process (one bad micro-batch
+    spoils the step), the gradient norm, and one metrics record per micro-batch (its loss only
+    when finite, so NaN losses are not averaged into the logs). Metric values may be floats or
+    0-d tensors (read here, with the rest).
+    """
+    losses = torch.stack([loss.float().reshape(()) for loss, _ in micro_batches])
+    bad = (~torch.isfinite(losses)).sum().float().reshape(1)
+    if accelerator.num_processes > 1:  # every process must make the same decision
+        bad = accelerator.reduce(bad, reduction="sum")
+    norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+    tensor_metrics = [
+        ((i, key), value)
+        for i, (_, metrics) in enumerate(micro_batches)
+        for key, value in metrics.items()
+        if isinstance(value, torch.Tensor)
+    ]
+    parts = [bad, norm, losses, *(value for _, value in tensor_metrics)]
+    values = torch.cat([t.detach().float().reshape(-1).to(losses.device) for t in parts]).tolist()
+
+    n = len(micro_batches)
+    bad_count, norm_value, loss_values = values[0], values[1], values[2 : 2 + n]
+    read = {where: value for (where, _), value in zip(tensor_metrics, values[2 + n :], strict=True)}
+    records = []
+    for i, (_, metrics) in enumerate(micro_batches):
+        record = {key: read.get((i, key), value) for key, value in metrics.items()}
+        if math.isfinite(loss_values[i]):
+            record = {"loss": loss_values[i], **record}
+        records.append(record)
+    return bad_count == 0, norm_value, records
+
+
+def _clip_and_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> torch.Tensor | float:
+    """Clip (if asked) and return the global gradient norm, identical on every process.
+
+    A tensor on the device (read by :func:`_read_step`), or a float under DeepSpeed (its engine's).
+    """
     if zero.active(accelerator):
         return zero.grad_norm(accelerator)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)
+    return accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
 def _run_eval(

@@ -50,7 +50,7 @@ if chunk:
         backward=accelerator.backward,
         no_sync=lambda: accelerator.no_sync(model),
         sync=True,
-        loss_is_finite=lambda t: True,
+        may_backward=lambda t: True,
     )
     loss = grad_cache_step(model, [q_features, d_features], lambda emb: loss_from(*emb), ctx, chunk)
 else:
