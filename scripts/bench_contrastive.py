@@ -142,6 +142,7 @@ def bench_ember(
     num_workers: int = 0,
     attention_dropout: float | None = None,
     env: dict[str, str] | None = None,
+    padded_slices: int = 2,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` or
@@ -162,7 +163,7 @@ def bench_ember(
         f"train: {{batch_size: {batch_size // processes}, max_steps: {steps}, log_every: 1, resume: none,"
         f" mixed_precision: '{'no' if precision == 'fp32' else precision}', keep_checkpoints: 1,"
         f" fast_cpu_dropout: {str(fast_cpu_dropout).lower()}, num_workers: {num_workers},"
-        f" pack_sequences: {packing}}}\n"
+        f" pack_sequences: {packing}, padded_slices: {padded_slices}}}\n"
         "export: {enabled: false}\n"
     )
     if processes == 1 and threads is None and env is None:
@@ -350,6 +351,7 @@ class Variant(NamedTuple):
     fast_cpu_dropout: bool
     packing: str  # train.pack_sequences: auto (packed on CPU only) | true | false
     attention_dropout: float | None  # model.attention_dropout: None = the checkpoint's
+    padded_slices: int = 2  # train.padded_slices (padded batches only)
 
 
 def parse_variant(spec: str) -> Variant:
@@ -360,7 +362,8 @@ def parse_variant(spec: str) -> Variant:
     ``torchdropout`` (PyTorch's dropout masks: ``train.fast_cpu_dropout: false``), ``padded``
     (two padded length-sorted slices per side: ``train.pack_sequences: false``), ``packed``
     (padding-free rows on any device: ``train.pack_sequences: true``; without either, ``auto``:
-    packed on CPU, padded on GPUs), ``noattndrop`` (no attention-probability dropout:
+    packed on CPU, padded on GPUs), ``1slice`` (padded batches in one slice per side, the fewest
+    forward calls: ``train.padded_slices: 1``), ``noattndrop`` (no attention-probability dropout:
     ``model.attention_dropout: 0``).
     """
     side, _, rest = spec.partition(":")
@@ -368,7 +371,8 @@ def parse_variant(spec: str) -> Variant:
     if (
         side not in ("ember", "st")
         or precision not in PRECISIONS
-        or set(extras) - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed", "noattndrop"}
+        or set(extras)
+        - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed", "1slice", "noattndrop"}
         or {"padded", "packed"} <= set(extras)
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
@@ -385,6 +389,7 @@ def parse_variant(spec: str) -> Variant:
         fast_cpu_dropout="torchdropout" not in extras,
         packing="false" if "padded" in extras else "true" if "packed" in extras else "auto",
         attention_dropout=0.0 if "noattndrop" in extras else None,
+        padded_slices=1 if "1slice" in extras else 2,
     )
 
 
@@ -404,7 +409,7 @@ def main() -> None:
         "--variants",
         default="ember:fp32,st:fp32",
         help="comma-separated runs: ember:{fp32,bf16}[+grouped][+2proc][+1thread][+torchdropout]"
-        "[+padded|+packed][+noattndrop], st:{fp32,bf16}",
+        "[+padded|+packed][+1slice][+noattndrop], st:{fp32,bf16}",
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -462,6 +467,7 @@ def main() -> None:
                                 args.model,
                                 args.num_workers,
                                 attention_dropout=variant.attention_dropout,
+                                padded_slices=variant.padded_slices,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))

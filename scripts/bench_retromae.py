@@ -64,9 +64,11 @@ def read_texts(path: Path, field: str, limit: int) -> list[str]:
 
 
 def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: int) -> dict:
+    from ember_train.config import TrainConfig
     from ember_train.data.masking import RetroMAECollator
     from ember_train.data.text_corpus import filter_and_pack, token_lengths
     from ember_train.losses.retromae import RetroMAELoss
+    from ember_train.training.loop import build_optimizer
 
     tokenizer = model.tokenizer
     budget = seq_len - tokenizer.num_special_tokens_to_add(pair=False)
@@ -80,7 +82,7 @@ def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: 
         for i in range(steps + 2)
     ]
     loss_fn = RetroMAELoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-5))  # the loop's (fused) AdamW
     model.train()
 
     def step(batch) -> None:
@@ -168,6 +170,12 @@ def main() -> None:
     parser.add_argument("--batch-128", type=int, default=16)
     parser.add_argument("--batch-512", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--dropout",
+        default="fast",
+        help="comma-separated, run side by side: fast (ember-train's CPU dropout, what training "
+        "uses: train.fast_cpu_dropout) and/or torch (PyTorch's dropout and SDPA)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads > 0:
@@ -176,6 +184,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
     from ember_train.encoder.retromae import RetroMAEModel
 
     hf_logging.set_verbosity_error()
@@ -189,8 +198,14 @@ def main() -> None:
         "runs": [],
     }
     for seq_len, batch_size in ((128, args.batch_128), (512, args.batch_512)):
-        model = RetroMAEModel.from_pretrained(resolve_model_path(args.model), max_seq_length=seq_len)
-        results["runs"].append(bench_length(model, texts, seq_len, batch_size, args.steps))
+        for dropout in args.dropout.split(","):
+            model = RetroMAEModel.from_pretrained(resolve_model_path(args.model), max_seq_length=seq_len)
+            if dropout == "fast":
+                use_fast_cpu_dropout(model)
+            elif dropout != "torch":
+                parser.error(f"--dropout: unknown {dropout!r}")
+            run = bench_length(model, texts, seq_len, batch_size, args.steps)
+            results["runs"].append({"dropout": dropout, **run})
     results["peak_after"] = peak_after = matmul_peak()
     results["mask_memory"] = mask_memory()
 
@@ -201,17 +216,17 @@ def main() -> None:
         f"fp32 matmul peak (2048^2, best of 10): before {peak_before / 1e9:.1f} GFLOP/s, after {peak_after / 1e9:.1f}"
     )
     print(
-        "| seq len | batch | fill | tokens/s | s/step | GFLOP/token (fwd+bwd) | achieved GFLOP/s | "
+        "| seq len | batch | dropout | fill | tokens/s | s/step | GFLOP/token (fwd+bwd) | achieved GFLOP/s | "
         "MFU: median per-step ratio (min-max) | MFU vs best start/end peak |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
         achieved = r["tokens_per_s"] * r["flops_per_token"]
         r["achieved_flops"] = achieved
         r["mfu_vs_best_peak"] = achieved / peak
         spread = f"{min(r['mfu_per_step']):.0%}-{max(r['mfu_per_step']):.0%}"
         print(
-            f"| {r['seq_len']} | {r['batch_size']} | {r['fill']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"| {r['seq_len']} | {r['batch_size']} | {r['dropout']} | {r['fill']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['seconds_per_step']:.2f} | {r['flops_per_token'] / 1e9:.3f} | {achieved / 1e9:.1f} | "
             f"{r['mfu_median']:.1%} ({spread}) | {r['mfu_vs_best_peak']:.1%} |"
         )

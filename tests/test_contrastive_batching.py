@@ -24,13 +24,14 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize(("pack", "slices"), [(False, 2), (False, 1), (False, 3), (True, 2)])
 @pytest.mark.parametrize("num_negatives", [0, 1])
-def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, num_negatives, pack):
-    """Two padded slices per side, or one packed (padding-free) row per side: same loss and gradients."""
+def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, num_negatives, pack, slices):
+    """Padded slices per side (``train.padded_slices``), or one packed (padding-free) row per side:
+    same loss and gradients."""
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).eval()  # no dropout
-    batch = PairCollator(encoder, num_negatives=num_negatives, pack=pack)(EXAMPLES)
-    assert len(batch["query"]) == len(batch["documents"]) == (1 if pack else 2)
+    batch = PairCollator(encoder, num_negatives=num_negatives, pack=pack, padded_slices=slices)(EXAMPLES)
+    assert len(batch["query"]) == len(batch["documents"]) == (1 if pack else slices)
     loss_fn = InfoNCELoss(0.05)
 
     loss, metrics = make_loss_step(loss_fn)(encoder, batch)
@@ -55,7 +56,10 @@ def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, 
     # Same real tokens, less padding than one padded batch per side.
     one_batch = token_counts(queries, document_features)
     assert metrics["tokens"] == one_batch["tokens"]
-    assert metrics["padding_tokens"] < one_batch["padding_tokens"]
+    if slices == 1 and not pack:
+        assert metrics["padding_tokens"] == one_batch["padding_tokens"]
+    else:
+        assert metrics["padding_tokens"] < one_batch["padding_tokens"]
     assert (metrics["padding_tokens"] == 0) == pack
     assert metrics["samples"] == len(EXAMPLES)
 
@@ -122,3 +126,18 @@ def test_grad_cache_step_over_slices_matches_the_plain_step(tiny_bert_path, pack
     for name, param in encoder.named_parameters():
         if name in grads:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_padded_slices_setting_reaches_the_batches(tiny_bert_path):
+    """``train.padded_slices`` from the config (with a command-line style override) to the collator."""
+    from ember_train.config.parse import apply_overrides, from_dict
+    from ember_train.pipelines.contrastive import ContrastiveConfig, make_dataloader
+
+    data = {"model": {"name_or_path": str(tiny_bert_path)}, "data": {"train": "unused.jsonl"}}
+    data = apply_overrides(data, ["train.batch_size=8", "train.padded_slices=3"])
+    cfg = from_dict(ContrastiveConfig, data)
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
+    batch = next(iter(make_dataloader(EXAMPLES, encoder, cfg, world_size=1, rank=0, pack=False)))
+    assert len(batch["query"]) == len(batch["documents"]) == 3
+    with pytest.raises(ValueError, match="padded_slices must be >= 1"):
+        from_dict(ContrastiveConfig, apply_overrides(data, ["train.padded_slices=0"]))

@@ -50,16 +50,16 @@ def test_slices_are_sorted_by_length_and_pad_less_than_one_slice_per_side(tiny_b
     assert padded_sorted < sum(m["input_ids"].numel() for m in mixed)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_pair_loss_is_computed_in_pair_order(tiny_bert_path, pack):
+@pytest.mark.parametrize(("pack", "slices"), [(False, 2), (False, 1), (True, 2)])
+def test_pair_loss_is_computed_in_pair_order(tiny_bert_path, pack, slices):
     """The loss on sorted slices (or one packed row) equals the loss on each side embedded separately."""
     model = _model(tiny_bert_path).eval()  # no dropout
     items = [
         {"text1": s, "text2": t, "label": float(i % 2)}
         for i, (s, t) in enumerate(zip(SHORT, LONG, strict=True))
     ]
-    batch = TargetPairCollator(model.body, pack=pack)(items)
-    assert len(batch["chunks"]) == (1 if pack else 2)
+    batch = TargetPairCollator(model.body, pack=pack, padded_slices=slices)(items)
+    assert len(batch["chunks"]) == (1 if pack else slices)
     loss_fn = CosineMSELoss()
     loss, metrics = make_pair_loss_step(loss_fn)(model, batch)
     with torch.no_grad():

@@ -69,6 +69,10 @@ class TrainConfig:
     # on CPU when the model gives the same vectors packed (checked at start); true = everywhere
     # (an error if the model cannot); false = padded, length-sorted slices.
     pack_sequences: bool | Literal["auto"] = "auto"
+    # Padded (not packed) batches: each side is sorted by length and cut into this many slices
+    # where padding is least, one forward call each. More slices pad less; 1 runs the fewest
+    # forward calls (kernel launches), for a small model on a large GPU.
+    padded_slices: int = 2
     grad_cache_chunk_size: int = (
         0  # > 0: gradient cache, embed in chunks of this size (big batches, small memory)
     )
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.padded_slices < 1:
+            raise ValueError("padded_slices must be >= 1")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError("warmup_ratio must be in [0, 1]")
         unknown = set(self.report_to) - {"jsonl", "wandb"}

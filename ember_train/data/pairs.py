@@ -129,7 +129,7 @@ class PairCollator:
     Documents are laid out as ``[positives (B); negatives (B × n)]``. Each query gets exactly
     ``num_negatives`` hard negatives, drawn from its own list (with replacement when it has
     fewer), reproducibly per (seed, query). Each side is sorted by token length and padded in
-    two slices cut where padding is least (:meth:`Encoder.tokenize_by_length`): on Debian pairs
+    ``padded_slices`` (2) slices cut where padding is least (:meth:`Encoder.tokenize_by_length`): on Debian pairs
     grouped by document length, padding falls from 13.4% (one padded batch per side; most of it
     in the short queries) to 4.6% at batch 32. With ``pack`` each side is instead one padding-free
     row (:meth:`Encoder.tokenize_packed`), sorted and cut the same way for attention.
@@ -144,12 +144,14 @@ class PairCollator:
         seed: int = 0,
         cut_multiple_of: int = 1,
         pack: bool = False,
+        padded_slices: int = 2,
     ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
         self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
         self.pack = pack
+        self.padded_slices = padded_slices  # slices per side when not packed
 
     def _negatives(self, example: PairExample) -> list[str]:
         negatives = example.negatives
@@ -166,10 +168,10 @@ class PairCollator:
             for e in examples:
                 documents.extend(self._negatives(e))
         queries, query_order = self.encoder.tokenize_sorted(
-            [e.query for e in examples], "query", self.cut_multiple_of, self.pack
+            [e.query for e in examples], "query", self.cut_multiple_of, self.pack, self.padded_slices
         )
         documents, document_order = self.encoder.tokenize_sorted(
-            documents, "document", self.cut_multiple_of, self.pack
+            documents, "document", self.cut_multiple_of, self.pack, self.padded_slices
         )
         return {
             "query": queries,

@@ -346,11 +346,16 @@ class Encoder(nn.Module):
         return pack_token_ids([token_ids[i] for i in order.tolist()], group_sizes), order
 
     def tokenize_sorted(
-        self, texts: Sequence[str], kind: TextKind | None, cut_multiple_of: int = 1, pack: bool = False
+        self,
+        texts: Sequence[str],
+        kind: TextKind | None,
+        cut_multiple_of: int = 1,
+        pack: bool = False,
+        num_slices: int = 2,
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
         """A training batch's side: the inputs of its forward calls, and ``order``.
 
-        Two length-sorted padded slices (:meth:`tokenize_by_length`), or with ``pack`` one
+        ``num_slices`` length-sorted padded slices (:meth:`tokenize_by_length`), or with ``pack`` one
         padding-free row (:meth:`tokenize_packed`); either way ``restore_order`` puts the
         embeddings back in text order. ``cut_multiple_of`` applies to the slices only: the gradient
         cache splits a packed row by texts and cuts its attention groups at the chunk boundaries
@@ -359,7 +364,7 @@ class Encoder(nn.Module):
         if pack:
             features, order = self.tokenize_packed(texts, kind)
             return [features], order
-        return self.tokenize_by_length(texts, kind, cut_multiple_of=cut_multiple_of)
+        return self.tokenize_by_length(texts, kind, num_chunks=num_slices, cut_multiple_of=cut_multiple_of)
 
     def token_lengths(
         self, texts: Sequence[str], kind: TextKind | None = None, chunk_size: int = 4096

@@ -211,6 +211,8 @@ def use_packing(setting: bool | str, encoder: Encoder, device: torch.device) -> 
     return supported
 
 
-def describe_batches(pack: bool) -> str:
+def describe_batches(pack: bool, padded_slices: int = 2) -> str:
     """The log line that says which batch layout a run uses."""
-    return "packed (padding-free, one row per side)" if pack else "padded (two length-sorted slices per side)"
+    if pack:
+        return "packed (padding-free, one row per side)"
+    return f"padded ({padded_slices} length-sorted slice{'s' if padded_slices > 1 else ''} per side)"

@@ -203,6 +203,7 @@ def make_dataloader(
         seed=cfg.seed,
         cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
         pack=pack,
+        padded_slices=cfg.train.padded_slices,
     )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
@@ -229,7 +230,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
     pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack)}")
+    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
     dataloader = make_dataloader(
         examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=pack
     )

@@ -156,14 +156,19 @@ class TargetPairCollator:
     much less when lengths vary (Banking77).
     """
 
-    def __init__(self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False) -> None:
+    def __init__(
+        self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False, padded_slices: int = 2
+    ) -> None:
         self.encoder = encoder
         self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
-        self.pack = pack  # one padding-free row instead of two padded slices
+        self.pack = pack  # one padding-free row instead of padded slices
+        self.padded_slices = padded_slices
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        chunks, order = self.encoder.tokenize_sorted(texts, None, self.cut_multiple_of, self.pack)
+        chunks, order = self.encoder.tokenize_sorted(
+            texts, None, self.cut_multiple_of, self.pack, self.padded_slices
+        )
         return {
             "chunks": chunks,
             "order": order,
@@ -463,7 +468,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     dataset, counts = build_pair_dataset(train, scored, cfg)
     accelerator.print(f"pairs: {counts}")
     pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack)}")
+    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
     sampler = PairBatchSampler(
         len(dataset), cfg.train.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
@@ -472,7 +477,10 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         dataset,
         batch_sampler=sampler,
         collate_fn=TargetPairCollator(
-            encoder, cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1), pack=pack
+            encoder,
+            cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
+            pack=pack,
+            padded_slices=cfg.train.padded_slices,
         ),
         num_workers=cfg.train.num_workers,
     )
