@@ -3,6 +3,7 @@ rank waits forever in a collective), the launcher exits non-zero, and the error 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -63,3 +64,28 @@ def test_rank_1_raises_both_processes_exit_non_zero_in_bounded_time(tmp_path, ti
     root_cause = output[output.index("Root Cause (first observed failure)") :]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), output[-4000:]
     assert elapsed < TIMEOUT_S
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, tiny_bert_path):
+    """The loop's one read per step includes a cross-process count of non-finite losses: rank 0,
+    whose own loss was finite (but whose all-reduced gradients are not), must skip for the same
+    reason as rank 1, and both train on."""
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(
+        f"task: contrastive\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 16}}\n"
+        f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 32}}\n"
+        "train: {batch_size: 4, max_steps: 4, log_every: 1}\neval: {before_training: false}\n"
+        "export: {enabled: false}\n"
+    )
+    cmd, env = two_process_launch(str(HERE / "reliability" / "rank_nan.py"), str(cfg))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert output.count("step 2: non-finite loss; skipping the update (1 in a row)") == 2, output[-4000:]
+    assert "non-finite gradient" not in output
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
