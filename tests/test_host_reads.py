@@ -29,6 +29,7 @@ from ember_train.pipelines import contrastive, retromae, setfit
 from ember_train.setfit_model import SetFitStyleModel
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.host_reads import HostReadCounter
+from ember_train.training.loop import batch_to_device
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,3 +107,36 @@ def test_retromae_loss_step_reads_nothing_itself(tiny_bert_path):
     model = RetroMAEModel.from_pretrained(tiny_bert_path, max_seq_length=32).train()
     batch = RetroMAECollator(model.tokenizer, max_seq_length=32)([e.positive for e in EXAMPLES])
     assert _ember_reads(retromae.make_loss_step(RetroMAELoss()), model, batch) == 0
+
+
+# PyTorch's meta device has shapes but no values: any read of a value on it raises. A step run
+# there (model and batch moved as the training loop moves them) reads no device value at all.
+@pytest.mark.parametrize("cached", [False, True])
+def test_packed_contrastive_step_runs_on_a_device_without_values(tiny_bert_path, cached):
+    """Packed batches: even transformers reads nothing (no attention mask), and the packing
+    layout is built from metadata the loop leaves on the host (before, it read 7 values per side)."""
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
+    batch = batch_to_device(PairCollator(encoder, pack=True)(EXAMPLES), "meta")
+    assert batch["query"][0]["input_ids"].is_meta and not batch["query"][0]["sequence_lengths"].is_meta
+    encoder = encoder.train().to("meta")
+    loss_step = contrastive.make_loss_step(InfoNCELoss(), grad_cache_chunk_size=2 if cached else 0)
+    if cached:
+        ctx = StepContext(
+            backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, may_backward=lambda t: True
+        )
+        loss, _ = loss_step(encoder, batch, ctx)
+    else:
+        loss, _ = loss_step(encoder, batch)
+        loss.backward()
+    assert loss.is_meta
+    assert all(p.grad is not None and p.grad.is_meta for p in encoder.parameters() if p.requires_grad)
+
+
+def test_packed_setfit_pair_step_runs_on_a_device_without_values(tiny_bert_path):
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
+    items = [{"text1": e.query, "text2": e.positive, "label": float(i % 2)} for i, e in enumerate(EXAMPLES)]
+    batch = batch_to_device(setfit.TargetPairCollator(encoder, pack=True)(items), "meta")
+    model = SetFitStyleModel(encoder, LinearHead(encoder.dim, ["a", "b"])).train().to("meta")
+    loss, _ = setfit.make_pair_loss_step(CosineMSELoss())(model, batch)
+    loss.backward()
+    assert loss.is_meta

@@ -36,7 +36,9 @@ def test_rank_1_raises_both_processes_exit_non_zero_in_bounded_time(tmp_path, ti
         f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 32}}\n"
         "train: {batch_size: 4, max_steps: 6}\neval: {before_training: false}\nexport: {enabled: false}\n"
     )
-    cmd, env = two_process_launch(str(HERE / "reliability" / "rank_fails.py"), str(cfg), str(tmp_path))
+    cmd, env = two_process_launch(
+        str(HERE / "reliability" / "rank_fails.py"), "raise", str(cfg), str(tmp_path)
+    )
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
@@ -79,7 +81,7 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, tiny_bert_path)
         "train: {batch_size: 4, max_steps: 4, log_every: 1}\neval: {before_training: false}\n"
         "export: {enabled: false}\n"
     )
-    cmd, env = two_process_launch(str(HERE / "reliability" / "rank_nan.py"), str(cfg))
+    cmd, env = two_process_launch(str(HERE / "reliability" / "rank_fails.py"), "nan", str(cfg), str(tmp_path))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from ember_train.encoder.encoder import Encoder
 
 PACKED_KEY = "sequence_lengths"
+# The layout's inputs: small, read on the host to build the layout, so the training loop leaves
+# them there when it moves a batch to a GPU (reading them back would make the host wait for it).
+HOST_KEYS = (PACKED_KEY, "group_sizes")
 
 # Attention blocks per packed row. Attention work grows with a block's texts x width^2, so more
 # blocks pad less (Debian pairs, batch 32, not length-grouped: padded attention area 1.57x the
@@ -107,22 +110,33 @@ class PackedLayout:
 
     @classmethod
     def from_features(cls, features: dict[str, torch.Tensor]) -> PackedLayout:
-        lengths = features[PACKED_KEY]
-        device = lengths.device
+        """Built on the host from the lengths (:data:`HOST_KEYS`), then moved to the tokens' device."""
+        lengths = features[PACKED_KEY].cpu()  # no copy when the loop kept them on the host
         starts = torch.cumsum(lengths, 0) - lengths
-        text_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths)
-        positions = torch.arange(text_ids.shape[0], device=device) - starts[text_ids]
+        text_ids = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+        positions = torch.arange(text_ids.shape[0]) - starts[text_ids]
         groups, first = [], 0
         for size in features["group_sizes"].tolist():
             group_lengths, group_starts = lengths[first : first + size], starts[first : first + size]
             width = int(group_lengths.max())
-            columns = torch.arange(width, device=device)
+            columns = torch.arange(width)
             key_mask = columns < group_lengths[:, None]
             gather = torch.where(key_mask, group_starts[:, None] + columns, group_starts[:, None]).reshape(-1)
             real = key_mask.reshape(-1).nonzero().squeeze(1)
             groups.append((gather, key_mask, real))
             first += size
-        return cls(lengths, starts, text_ids, positions, groups)
+        device = features["input_ids"].device
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return cls(
+            move(lengths),
+            move(starts),
+            move(text_ids),
+            move(positions),
+            [tuple(map(move, g)) for g in groups],
+        )
 
     def attend(self, attention, module, query, key, value, **kwargs) -> torch.Tensor:
         """Per-text attention over packed ``[1, H, T, hd]`` projections; returns ``[1, T, H, hd]``.

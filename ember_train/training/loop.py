@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
 from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
+from ember_train.encoder.packing import HOST_KEYS
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
@@ -179,7 +180,7 @@ def train_loop(
                 continue
             state.batch_in_epoch += 1
             sync = state.batch_in_epoch % accum == 0 or state.batch_in_epoch == batches_per_epoch
-            batch = send_to_device(batch, accelerator.device)
+            batch = batch_to_device(batch, accelerator.device)
 
             # Forward + backward; gradients are only all-reduced on the last micro-batch. A
             # non-finite loss is back-propagated like any other (its gradients spoil the step,
@@ -280,6 +281,11 @@ def train_loop(
         "last_metrics": last_logged,
         "model": accelerator.unwrap_model(model),
     }
+
+
+def batch_to_device(batch: Any, device: torch.device | str) -> Any:
+    """The batch's tensors on ``device``, except packing metadata (:data:`HOST_KEYS`), read on the host."""
+    return send_to_device(batch, device, skip_keys=list(HOST_KEYS))
 
 
 def _may_backward(accelerator: Accelerator, loss: torch.Tensor) -> bool:
