@@ -63,6 +63,11 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
         compared += 1
     assert compared > 10
 
+    # Host reads in the gathered loss: one per gather (positives, negatives, queries for the
+    # symmetric term), not one per process per gather plus a global count (5-7 before).
+    if not chunk:
+        assert result["loss_reads"] == (3 if num_negatives else 2)
+
     sharding = result["sharding"]
     assert sharding[0]["steps"] == sharding[1]["steps"]
     seen = sharding[0]["indices"] + sharding[1]["indices"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember_train.training.distributed import gather_with_grad, global_count, is_distributed
+from ember_train.training.distributed import gather_with_grad, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class InfoNCELoss(nn.Module):
             p, offset = gather_with_grad(p)
             if n is not None:
                 n, _ = gather_with_grad(n)
-            total = global_count(batch, q.device)
+            total = p.shape[0]  # the global batch: one positive per query
 
         candidates = p if n is None else torch.cat([p, n], dim=0)
         scores = q @ candidates.T / self.temperature  # [B, global positives + negatives]

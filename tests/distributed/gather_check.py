@@ -18,6 +18,7 @@ from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext, grad_cache_step
+from ember_train.training.host_reads import HostReadCounter
 
 model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 chunk = int(sys.argv[5])  # > 0: through the gradient cache
@@ -54,7 +55,9 @@ if chunk:
     )
     loss = grad_cache_step(model, [q_features, d_features], lambda emb: loss_from(*emb), ctx, chunk)
 else:
-    loss = loss_from(model(q_features), model(d_features))
+    q_emb, d_emb = model(q_features), model(d_features)
+    with HostReadCounter() as reads:  # the gathered loss: one read per gather (its peers' sizes)
+        loss = loss_from(q_emb, d_emb)
     accelerator.backward(loss)
 
 losses = accelerator.gather(loss.detach().reshape(1))
@@ -69,7 +72,11 @@ everyone = [None] * world
 dist.all_gather_object(everyone, {"indices": mine, "steps": len(list(sampler))})
 
 if rank == 0:
-    torch.save({"loss": losses.mean().item(), "grads": grads, "sharding": everyone}, out_path)
+    loss_reads = None if chunk else reads.total
+    torch.save(
+        {"loss": losses.mean().item(), "grads": grads, "sharding": everyone, "loss_reads": loss_reads},
+        out_path,
+    )
 accelerator.wait_for_everyone()
 print(json.dumps({"rank": rank, "loss": loss.item()}))
 # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort
