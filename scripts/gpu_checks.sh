@@ -8,7 +8,8 @@
 # 3. contrastive throughput vs sentence-transformers on the GPU (packaged MiniLM; also with
 #    data-loader workers);
 # 4. gradient-cache GPU memory at growing global batch, and its time overhead;
-# 5. throughput with BIG_MODEL (e.g. a random BERT-large), if set.
+# 5. throughput with BIG_MODEL (e.g. a random BERT-large), if set;
+# and the synchronising CUDA calls per training step (scripts/count_host_reads.py).
 # Each stage gets what is left of SECONDS (default 480) and writes OUT_DIR/<stage>.log.
 set -u
 OUT=${1:?output directory}
@@ -38,10 +39,12 @@ stage gpu_tests 170 python3 -m pytest -v -rA -p no:cacheprovider -m gpu -s tests
 stage test_suite 150 python3 -m pytest -v -p no:cacheprovider -n 8 --timeout 200 tests \
     --ignore tests/test_deepspeed.py --ignore tests/test_gpu.py --ignore tests/test_distributed.py \
     --ignore tests/test_reliability_distributed.py  # 2-process tests hide the GPU: CPU runs, as in CI
+# +1slice: one padded forward per side, half the kernel launches of the default two slices.
 stage bench_minilm 130 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --num-pairs 8000 \
     --batch-sizes 256 --steps 25 --warmup-steps 8 --repeats 3 --max-length 128 \
     --variants ember:fp32,st:fp32,ember:bf16,st:bf16,ember:bf16+1slice,ember:bf16+packed,ember:bf16+grouped,ember:fp16,st:fp16
-# (+1slice: one padded forward per side, half the kernel launches of the default two slices.)
+# Synchronising CUDA calls per optimizer step, padded and packed (the CPU counts are in docs/benchmarks.md).
+stage host_reads 60 python3 scripts/count_host_reads.py --layout padded,packed --steps 3 --precision bf16
 # Tokenizing in data-loader workers on both sides: does it close ember-train's gap on a small model?
 stage bench_minilm_workers 80 python3 scripts/bench_contrastive.py --pairs "$PAIRS" --num-pairs 8000 \
     --batch-sizes 256 --steps 25 --warmup-steps 8 --repeats 2 --max-length 128 --num-workers 2 \
