@@ -54,7 +54,7 @@ def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     n = torch.tensor([local.shape[0]], device=local.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
-    sizes_list = [int(s) for s in torch.cat(sizes).tolist()]  # one host read, whatever the world size
+    sizes_list = torch.cat(sizes).tolist()  # one host read, whatever the world size
     offset = sum(sizes_list[: dist.get_rank()])
     return _GatherWithGrad.apply(local, sizes_list), offset
 

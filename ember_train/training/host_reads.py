@@ -61,11 +61,17 @@ class HostReadCounter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if _is_read(func, args):
-            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_TORCH_DIR)]
-            if frames:
-                self.reads[frames[-1].filename, frames[-1].lineno or 0, frames[-1].line or ""] += 1
-            else:
-                self.reads["?", 0, ""] += 1
+            caller = next(
+                (
+                    f
+                    for f in reversed(traceback.extract_stack()[:-1])
+                    if not f.filename.startswith(_TORCH_DIR)
+                ),
+                None,
+            )
+            self.reads[
+                (caller.filename, caller.lineno or 0, caller.line or "") if caller else ("?", 0, "")
+            ] += 1
         return func(*args, **(kwargs or {}))
 
 
