@@ -14,7 +14,9 @@ run to each sentence-transformers run of the same repeat, and ember-train's mode
 against fp32 and bf16 matmul peaks measured in the same run: against the best peak of the whole
 run, and per repeat against the better of the fp32 peaks measured just before and just after that
 repeat (one is measured between every two runs: this shared machine's speed drifts within minutes,
-and a utilisation is a ratio of two speeds that should be measured side by side).
+and a utilisation is a ratio of two speeds that should be measured side by side). With
+``--peak-every-step`` a peak is also measured between every two steps of the (in-process) training
+loop, outside the steps' timing, and each step is rated against the better of the peaks around it.
 
 On a machine with a CUDA GPU both sides train there (accelerate and the sentence-transformers
 trainer pick it), the matmul peaks are the GPU's (8192^3, fp32 without TF32 as torch's default,
@@ -34,6 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -143,11 +148,14 @@ def bench_ember(
     attention_dropout: float | None = None,
     env: dict[str, str] | None = None,
     padded_slices: int = 2,
+    peak_every_step: bool = False,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` or
     ``env`` (extra environment variables) run one process of ``train.py`` of its own, whose peak
-    RSS and minor page faults go to ``LAST_EMBER_STATS`` too."""
+    RSS and minor page faults go to ``LAST_EMBER_STATS`` too. ``peak_every_step`` (in-process
+    runs only) adds each timed step's tokens/s and the fp32 peak beside it
+    (:func:`peaks_between_steps`)."""
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
@@ -166,9 +174,11 @@ def bench_ember(
         f" pack_sequences: {packing}, padded_slices: {padded_slices}}}\n"
         "export: {enabled: false}\n"
     )
+    step_peaks: list[float] = []
     if processes == 1 and threads is None and env is None:
         fresh_accelerate_state()
-        contrastive.run(load_config(str(cfg_path)))
+        with peaks_between_steps(step_peaks) if peak_every_step else nullcontext():
+            contrastive.run(load_config(str(cfg_path)))
     elif processes == 1:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg_path)]
@@ -189,7 +199,42 @@ def bench_ember(
     tokens = sum(r["tokens_per_s"] * batch_size / r["samples_per_s"] for r in timed)
     padding = sum(r["padding_fraction"] for r in timed) / len(timed)
     LAST_EMBER_STATS.update(tokens_per_s=tokens / seconds, padding_fraction=padding)
+    if step_peaks:  # step k ran between peaks k-1 and k: MFU against the better of the two
+        steps_with_peaks = list(
+            zip([r for r in records if "samples_per_s" in r], pairwise(step_peaks), strict=True)
+        )
+        LAST_EMBER_STATS["step_tokens_per_s_and_peak"] = [
+            (r["tokens_per_s"], max(before, after)) for r, (before, after) in steps_with_peaks[warmup:]
+        ]
     return batch_size * len(timed) / seconds
+
+
+@contextmanager
+def peaks_between_steps(peaks: list[float]) -> Iterator[None]:
+    """Measure the fp32 matmul peak before training and after every logged step (``log_every: 1``).
+
+    The training loop's own per-step rates then each have a peak measured seconds before and
+    after them, on a machine whose speed drifts within minutes. The measurement is kept out of
+    the steps' timing: the metrics window restarts after it.
+    """
+    import torch
+
+    from ember_train.training.logging import MetricsLogger
+
+    original = MetricsLogger.flush
+
+    def flush(self: MetricsLogger, step: int, extra: dict | None = None) -> dict:
+        record = original(self, step, extra)
+        peaks.append(matmul_peak(torch.float32))
+        self._window_start = time.perf_counter()
+        return record
+
+    peaks.append(matmul_peak(torch.float32))
+    MetricsLogger.flush = flush
+    try:
+        yield
+    finally:
+        MetricsLogger.flush = original
 
 
 LAST_EMBER_STATS: dict[str, float] = {}
@@ -415,6 +460,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=MODEL, help="model for both sides (default: packaged MiniLM)")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers, both sides")
+    parser.add_argument(
+        "--peak-every-step",
+        action="store_true",
+        help="also measure the fp32 peak between every two training steps (one-process ember-train "
+        "variants) and report the median per-step MFU against the better of the peaks just before and after each step",
+    )
     args = parser.parse_args()
 
     import torch
@@ -468,6 +519,7 @@ def main() -> None:
                                 args.num_workers,
                                 attention_dropout=variant.attention_dropout,
                                 padded_slices=variant.padded_slices,
+                                peak_every_step=args.peak_every_step,
                             )
                         )
                         stats[v].append(dict(LAST_EMBER_STATS))
@@ -507,6 +559,8 @@ def main() -> None:
                 " | real tokens/s | padding | MFU vs best fp32 peak | MFU vs own-precision peak"
                 " | fp32 MFU per repeat vs adjacent peaks: median (min-max) |"
             )
+            if args.peak_every_step:
+                header += " fp32 MFU per step vs the better of the peaks just before and after it: median (quartiles), steps |"
             print(header)
             print("|" + "---|" * (header.count("|") - 1))
             for v in variants:
@@ -531,8 +585,16 @@ def main() -> None:
                         f"{flops / own:.1%}",
                         f"{statistics.median(per_repeat):.1%} ({min(per_repeat):.1%}-{max(per_repeat):.1%})",
                     ]
+                    per_step = [
+                        t * flops_per_token / peak
+                        for x in stats[v]
+                        for t, peak in x.get("step_tokens_per_s_and_peak", [])
+                    ]
+                    if args.peak_every_step:
+                        q1, q2, q3 = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else [0.0] * 3
+                        cells.append(f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(per_step)}" if per_step else "")
                 else:
-                    cells += ["", "", "", "", ""]
+                    cells += ["", "", "", "", ""] + ([""] if args.peak_every_step else [])
                 print("| " + " | ".join(cells) + " |", flush=True)
 
 
