@@ -590,9 +590,13 @@ def main() -> None:
                         for x in stats[v]
                         for t, peak in x.get("step_tokens_per_s_and_peak", [])
                     ]
-                    if args.peak_every_step:
-                        q1, q2, q3 = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else [0.0] * 3
-                        cells.append(f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(per_step)}" if per_step else "")
+                    if args.peak_every_step and per_step:
+                        q1, q2, q3 = (
+                            statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+                        )
+                        cells.append(f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(per_step)}")
+                    elif args.peak_every_step:  # a variant trained in a process of its own
+                        cells.append("")
                 else:
                     cells += ["", "", "", "", ""] + ([""] if args.peak_every_step else [])
                 print("| " + " | ".join(cells) + " |", flush=True)
