@@ -193,18 +193,17 @@ def bench_ember(
         cmd += [str(REPO / "train.py"), "--config", str(cfg_path)]
         subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "samples_per_s" in r][warmup:]
+    steps = [r for r in records if "samples_per_s" in r]
+    timed = steps[warmup:]
     # Per-step rates (global: the logger scales by the process count) -> total samples / total time.
     seconds = sum(batch_size / r["samples_per_s"] for r in timed)
     tokens = sum(r["tokens_per_s"] * batch_size / r["samples_per_s"] for r in timed)
     padding = sum(r["padding_fraction"] for r in timed) / len(timed)
     LAST_EMBER_STATS.update(tokens_per_s=tokens / seconds, padding_fraction=padding)
     if step_peaks:  # step k ran between peaks k-1 and k: MFU against the better of the two
-        steps_with_peaks = list(
-            zip([r for r in records if "samples_per_s" in r], pairwise(step_peaks), strict=True)
-        )
+        beside = [max(pair) for pair in pairwise(step_peaks)]
         LAST_EMBER_STATS["step_tokens_per_s_and_peak"] = [
-            (r["tokens_per_s"], max(before, after)) for r, (before, after) in steps_with_peaks[warmup:]
+            (r["tokens_per_s"], peak) for r, peak in list(zip(steps, beside, strict=True))[warmup:]
         ]
     return batch_size * len(timed) / seconds
 
@@ -235,6 +234,12 @@ def peaks_between_steps(peaks: list[float]) -> Iterator[None]:
         yield
     finally:
         MetricsLogger.flush = original
+
+
+def quartiles(values: list[float]) -> str:
+    """``median (first quartile-third quartile), count`` of ratios, as percentages."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(values)}"
 
 
 LAST_EMBER_STATS: dict[str, float] = {}
@@ -585,18 +590,13 @@ def main() -> None:
                         f"{flops / own:.1%}",
                         f"{statistics.median(per_repeat):.1%} ({min(per_repeat):.1%}-{max(per_repeat):.1%})",
                     ]
-                    per_step = [
-                        t * flops_per_token / peak
-                        for x in stats[v]
-                        for t, peak in x.get("step_tokens_per_s_and_peak", [])
-                    ]
-                    if args.peak_every_step and per_step:
-                        q1, q2, q3 = (
-                            statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
-                        )
-                        cells.append(f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(per_step)}")
-                    elif args.peak_every_step:  # a variant trained in a process of its own
-                        cells.append("")
+                    if args.peak_every_step:  # empty for a variant trained in a process of its own
+                        per_step = [
+                            t * flops_per_token / peak
+                            for x in stats[v]
+                            for t, peak in x.get("step_tokens_per_s_and_peak", [])
+                        ]
+                        cells.append(quartiles(per_step) if per_step else "")
                 else:
                     cells += ["", "", "", "", ""] + ([""] if args.peak_every_step else [])
                 print("| " + " | ".join(cells) + " |", flush=True)
