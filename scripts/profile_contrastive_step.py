@@ -41,6 +41,7 @@ GROUPS = {
     "dropout (random masks, masking)": {
         "aten::bernoulli_",
         "ember_train::keep_mask",
+        "ember_train::dropout_kernel",
         "aten::random_",
         "aten::lt",
         "aten::mul",

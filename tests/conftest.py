@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MTEB_CACHE", os.path.join(_HOME, "mteb"))
+os.environ.setdefault("EMBER_TRAIN_CACHE", os.path.join(_HOME, "ember_train"))  # the CPU dropout kernel
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent

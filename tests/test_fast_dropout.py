@@ -1,8 +1,14 @@
-"""CPU dropout masks drawn 16 bits at a time: the same dropout, in distribution and in the model."""
+"""CPU dropout with masks hashed from a seed: the same dropout, in distribution and in the model,
+with or without its C kernel."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from reliability.tiny_loop import TinyModel, make_loader, make_loss_step
@@ -11,6 +17,7 @@ from transformers import AutoModel, BertConfig, BertModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ember_train.config import TrainConfig
+from ember_train.encoder import dropout_kernel
 from ember_train.encoder.encoder import enable_activation_checkpointing
 from ember_train.encoder.fast_dropout import (
     ATTENTION_IMPLEMENTATION,
@@ -19,26 +26,114 @@ from ember_train.encoder.fast_dropout import (
     fast_dropout,
     keep_mask,
     keep_probability,
+    numpy_keep_mask,
     use_fast_cpu_dropout,
 )
 from ember_train.training.loop import build_accelerator, train_loop
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_mask_has_the_keep_probability_in_every_16_bit_slot(p):
+def test_keep_mask_has_the_keep_probability_in_every_lane_and_independent_neighbours(p):
     torch.manual_seed(0)
-    shape = (1001, 999)  # not a multiple of 4 elements: the last 64-bit word is partly used
+    shape = (1001, 999)  # not a multiple of 16 elements: the last block is partly used
     mask = keep_mask(shape, p)
     assert mask.shape == shape and mask.dtype == torch.bool
     flat = mask.flatten().double()
     q = keep_probability(p)
     assert abs(q - (1 - p)) <= 0.5 / 65536
-    for part in (flat, *(flat[i::4] for i in range(4))):  # the four 16-bit slots of each draw
+    for part in (flat, *(flat[i::16] for i in range(16))):  # 16 lanes: 8 hashes, two halves each
         sigma = (q * (1 - q) / part.numel()) ** 0.5
         assert abs(part.mean().item() - q) < 5 * sigma
-    # Neighbouring elements are independent (no pattern between the slots of a word).
-    both = (flat[:-1] * flat[1:]).mean().item()
-    assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (flat.numel() // 2)) ** 0.5
+    blocks = flat[: flat.numel() // 16 * 16].view(-1, 16)
+    pairs = {
+        "neighbours": (flat[:-1], flat[1:]),
+        "the two halves of one hash": (blocks[:, :8], blocks[:, 8:]),
+        "the same lane in consecutive blocks": (blocks[:-1], blocks[1:]),
+    }
+    for name, (a, b) in pairs.items():
+        both = (a * b).mean().item()
+        assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / a.numel()) ** 0.5, name
+
+
+def _compiler_available() -> bool:
+    return shutil.which(os.environ.get("CC") or "cc") is not None
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="no C compiler")
+def test_the_c_kernel_and_numpy_make_the_same_masks():
+    lib = dropout_kernel.load()
+    assert lib is not None
+    for numel in (1, 15, 16, 17, 1000, 2**16 + 3, 3 * 2**15 + 5):
+        for seed in (0, 123456789012345, 2**63 - 2):
+            for threshold in (1, 58982, 65535):
+                expected = numpy_keep_mask(numel, seed, threshold)
+                for threads in (1, 3):  # thread splits must not move the mask
+                    got = torch.empty(numel, dtype=torch.bool)
+                    lib.ember_keep_mask(got.data_ptr(), numel, seed, threshold, threads)
+                    assert np.array_equal(got.numpy(), expected), (numel, seed, threshold, threads)
+                    x = torch.randn(numel)
+                    out = torch.empty(numel)
+                    lib.ember_dropout_f32(x.data_ptr(), out.data_ptr(), numel, seed, threshold, 1.25, threads)
+                    assert torch.equal(out, torch.where(torch.from_numpy(expected), x * 1.25, 0.0))
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="no C compiler")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "bfloat16"])
+def test_fast_dropout_is_the_same_with_and_without_the_kernel(monkeypatch, layout):
+    """The kernel (float32) and the boolean-mask path (no compiler, other dtypes) are one dropout."""
+    assert dropout_kernel.load() is not None
+    base = torch.randn(70, 300)
+    x = {"contiguous": base, "transposed": base.t(), "bfloat16": base.bfloat16()}[layout]
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(dropout_kernel, "load", lambda: None)
+        leaf = x.clone().requires_grad_(True)
+        torch.manual_seed(4)
+        out = fast_dropout(leaf, 0.3)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape))
+        results.append((out.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert 0 < (results[0][0] == 0).sum() < x.numel()
+
+
+def test_a_compiler_that_fails_gives_a_warning_and_the_numpy_masks(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMBER_TRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    dropout_kernel.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build its CPU dropout kernel"):
+            assert dropout_kernel.load() is None
+        x = torch.randn(40, 50, requires_grad=True)
+        torch.manual_seed(2)
+        out = fast_dropout(x, 0.2)
+        torch.manual_seed(2)
+        assert torch.equal(out, torch.where(keep_mask(x.shape, 0.2), x / keep_probability(0.2), 0.0))
+        assert list(tmp_path.iterdir()) == []  # no half-built library left behind
+    finally:
+        dropout_kernel.load.cache_clear()
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="no C compiler")
+def test_processes_building_the_kernel_at_once_all_load_it(tmp_path):
+    """Each build goes to a temporary file renamed into place: no process loads half a library."""
+    script = (
+        "from ember_train.encoder import dropout_kernel as k; import torch; "
+        "lib = k.load(); assert lib is not None; "
+        "print(bool(k.dropout_f32(lib, torch.ones(100), 1, 32768, 2.0).sum() > 0))"
+    )
+    env = {**os.environ, "EMBER_TRAIN_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["True"] * 3
+    assert all(p.returncode == 0 for p in procs)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+    # A later process reuses the library instead of building again.
+    before = next(tmp_path.iterdir()).stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    assert next(tmp_path.iterdir()).stat().st_mtime_ns == before
 
 
 def test_keep_mask_follows_the_torch_seed():

@@ -1,14 +1,17 @@
-"""Cheaper dropout masks for training on CPU: the same Bernoulli dropout, drawn 16 bits at a time.
+"""Cheaper dropout for training on CPU: the same Bernoulli dropout, its mask computed where it is applied.
 
 PyTorch draws a CPU dropout mask with ``bernoulli_``: one double-precision sample per element,
 on one thread on CPUs where it does not use MKL (AMD, for one). That was 14% of a contrastive
 step of all-MiniLM-L6-v2 on this project's development machine
 (``scripts/profile_contrastive_step.py``), and attention-probability dropout also sends
-``scaled_dot_product_attention`` to its slowest path. Here one 64-bit output of NumPy's PCG64
-gives four 16-bit uniforms, compared with a threshold (about 8x cheaper per mask), and the mask
-is kept as booleans (1 byte per element instead of 4). The keep probability is rounded to a
-multiple of 1/65536 (0.9 becomes 0.899994) and kept values are scaled by exactly its inverse, so
-the expectation of every activation is unchanged.
+``scaled_dot_product_attention`` to its slowest path. Here a mask is a function of one seed (drawn
+from torch's generator) and each element's index: a 16-bit uniform from an integer hash of the
+index (``dropout_kernel.c`` defines it), compared with a threshold. For float32, a small C kernel
+(:mod:`ember_train.encoder.dropout_kernel`) computes the mask and applies it in one pass, forward
+and again in backward, so no mask is drawn, stored or converted; without a C compiler, and for
+other dtypes, the same mask is made as booleans. The keep probability is rounded to a multiple of
+1/65536 (0.9 becomes 0.899994) and kept values are scaled by exactly its inverse, so the
+expectation of every activation is unchanged.
 
 Only the CPU changes: :func:`use_fast_cpu_dropout` is applied by the training loop when it runs
 on CPU (``train.fast_cpu_dropout``), and on any other device the modules fall back to PyTorch's
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ember_train.encoder import dropout_kernel
+
 try:  # transformers' attention registry (recent versions; developed against 5.x)
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -35,6 +40,7 @@ except ImportError:  # older transformers: only the nn.Dropout modules are swapp
 
 ATTENTION_IMPLEMENTATION = "ember"
 _LEVELS = 1 << 16
+_MAX_ELEMENTS = 1 << 33  # the hash's 32-bit counter covers two elements each
 
 
 def keep_probability(p: float) -> float:
@@ -42,21 +48,53 @@ def keep_probability(p: float) -> float:
     return round((1.0 - p) * _LEVELS) / _LEVELS
 
 
+def _threshold(p: float) -> int:
+    return round(keep_probability(p) * _LEVELS)
+
+
+def _draw_seed() -> int:
+    """One seed per mask, from torch's default generator: ``torch.manual_seed``, checkpointed RNG
+    states, activation checkpointing and the gradient cache's replay all reproduce the masks."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def numpy_keep_mask(numel: int, seed: int, threshold: int) -> np.ndarray:
+    """The mask ``dropout_kernel.c`` computes, in NumPy: used where the kernel cannot be built."""
+    blocks = -(-numel // 16)
+    counters = np.arange(blocks * 8, dtype=np.uint32)
+    hashes = _mix32(_mix32(counters ^ np.uint32(seed & 0xFFFFFFFF)) ^ np.uint32(seed >> 32)).reshape(
+        blocks, 1, 8
+    )
+    uniforms = np.empty((blocks, 2, 8), dtype=np.uint32)
+    np.bitwise_and(hashes, np.uint32(0xFFFF), out=uniforms[:, :1])
+    np.right_shift(hashes, np.uint32(16), out=uniforms[:, 1:])
+    return uniforms.reshape(-1)[:numel] < threshold
+
+
+def _mask_from_seed(shape: torch.Size | tuple[int, ...], seed: int, threshold: int) -> torch.Tensor:
+    lib = dropout_kernel.load()
+    with torch.profiler.record_function("ember_train::keep_mask"):
+        if lib is not None:
+            return dropout_kernel.keep_mask(lib, shape, seed, threshold)
+        return torch.from_numpy(numpy_keep_mask(math.prod(shape), seed, threshold)).view(shape)
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """A boolean CPU mask, True with probability :func:`keep_probability` (p), independently per element.
 
-    Each call draws one seed from torch's default generator and fills the mask from NumPy's PCG64
-    seeded with it: one 64-bit output gives four uniform 16-bit integers in [-32768, 32767]. The
-    masks are a function of the torch RNG state alone, so ``torch.manual_seed``, checkpointed RNG
-    states and the gradient cache's replay reproduce them.
+    It draws one seed from torch's generator, like :func:`fast_dropout`: after the same
+    ``torch.manual_seed``, this is the mask ``fast_dropout`` applies to a tensor of ``shape``.
     """
-    numel = math.prod(shape)
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    threshold = np.int16(round(keep_probability(p) * _LEVELS) - _LEVELS // 2)
-    with torch.profiler.record_function("ember_train::keep_mask"):  # NumPy time shows in profiles
-        halves = np.random.PCG64(seed).random_raw((numel + 3) // 4).view(np.int16)[:numel]
-        keep = np.less(halves, threshold)  # NumPy's int16 compare: ~8x torch's here
-    return torch.from_numpy(keep).view(shape)
+    return _mask_from_seed(shape, _draw_seed(), _threshold(p))
 
 
 class _ScaleByMask(torch.autograd.Function):
@@ -74,14 +112,30 @@ class _ScaleByMask(torch.autograd.Function):
         return grad.mul(mask).mul_(ctx.scale), None, None
 
 
+class _SeededDropout(torch.autograd.Function):
+    """Float32 dropout by the C kernel: backward recomputes the mask from the seed (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.mask_args = (seed, threshold, scale)
+        return dropout_kernel.dropout_f32(dropout_kernel.load(), x, seed, threshold, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        return dropout_kernel.dropout_f32(dropout_kernel.load(), grad, *ctx.mask_args), None, None, None
+
+
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Dropout with :func:`keep_mask` on CPU; PyTorch's own dropout on other devices."""
+    """Dropout with the seeded masks on CPU; PyTorch's own dropout on other devices."""
     if not training or p == 0.0:
         return x
     keep = keep_probability(p)
-    if x.device.type != "cpu" or not 0.0 < keep < 1.0:  # other devices; p = 1; p below 1/131072
-        return F.dropout(x, p, training=True)
-    return _ScaleByMask.apply(x, keep_mask(x.shape, p), 1.0 / keep)
+    if x.device.type != "cpu" or not 0.0 < keep < 1.0 or x.numel() >= _MAX_ELEMENTS:
+        return F.dropout(x, p, training=True)  # other devices; p = 1; p below 1/131072; huge
+    seed, threshold, scale = _draw_seed(), _threshold(p), 1.0 / keep
+    if x.dtype == torch.float32 and dropout_kernel.load() is not None:
+        return _SeededDropout.apply(x, seed, threshold, scale)
+    return _ScaleByMask.apply(x, _mask_from_seed(x.shape, seed, threshold), scale)
 
 
 class FastCPUDropout(nn.Dropout):
