@@ -14,7 +14,9 @@
    fast-dropout model with some dropout switched off, to measure what dropout costs, or with its
    word embeddings frozen (``--versus frozen-word-embeddings``), to measure what their gradient and
    optimizer update cost (measurement only: not training options), or (``--versus padded``) for
-   the same model on padded slices of the same pairs, to measure what packing gains:
+   the same model on padded slices of the same pairs, to measure what packing gains, or
+   (``--versus no-kernel``) for the same dropout without its C kernel (the same masks made with
+   NumPy and applied by torch: what a machine without a C compiler gets):
 
     python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --max-length 128 --group-by-length --steps 13 --versus no-dropout
@@ -23,9 +25,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +64,7 @@ def main() -> None:
             "no-attention-dropout",
             "frozen-word-embeddings",
             "padded",
+            "no-kernel",
         ],
         help="the model stepped against fast_cpu_dropout",
     )
@@ -67,7 +72,7 @@ def main() -> None:
 
     import torch
 
-    from ember_train.encoder import Encoder
+    from ember_train.encoder import Encoder, dropout_kernel
     from ember_train.encoder.fast_dropout import fast_dropout, use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_loss_step
@@ -121,12 +126,21 @@ def main() -> None:
 
     loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
     seconds: dict[str, list[float]] = {"torch": [], "fast": []}
+    if args.versus == "no-kernel" and dropout_kernel.load() is None:
+        sys.exit("the C dropout kernel did not build: nothing to compare it with")
+
+    def without_kernel_for(name: str) -> contextlib.AbstractContextManager:
+        if name != "torch" or args.versus != "no-kernel":
+            return contextlib.nullcontext()
+        return unittest.mock.patch.object(dropout_kernel, "load", lambda: None)
+
     for i in range(len(batches)):
         for name in ("torch", "fast") if i % 2 else ("fast", "torch"):
             encoder, optimizer, steps = models[name]
             start = time.perf_counter()
-            loss, _ = loss_step(encoder, steps[i])
-            loss.backward()
+            with without_kernel_for(name):
+                loss, _ = loss_step(encoder, steps[i])
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
