@@ -25,15 +25,6 @@ typedef float f32x8 __attribute__((vector_size(32)));
 #define VECTOR_CLONES
 #endif
 
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
 static inline u32x8 mix32x8(u32x8 x) {
     x ^= x >> 16;
     x *= 0x7feb352dU;
@@ -43,12 +34,10 @@ static inline u32x8 mix32x8(u32x8 x) {
     return x;
 }
 
-/* The 16-bit uniform of one element (for the last, partial block). */
-static inline uint32_t uniform16(int64_t i, uint32_t k0, uint32_t k1) {
-    int64_t block_start = i & ~(int64_t)15;
-    int r = (int)(i - block_start);
-    uint32_t h = mix32(mix32(((uint32_t)(block_start >> 1) + (uint32_t)(r & 7)) ^ k0) ^ k1);
-    return r < 8 ? (h & 0xFFFFu) : (h >> 16);
+/* The 16 elements' hashes of the block that starts at element `start` (a multiple of 16). */
+static inline u32x8 block_hashes(int64_t start, uint32_t k0, uint32_t k1) {
+    const u32x8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+    return mix32x8(mix32x8(((uint32_t)(start >> 1) + lanes) ^ k0) ^ k1);
 }
 
 /* One thread: torch's OpenMP workers still spin on the other cores between operators, and threads of
@@ -57,12 +46,11 @@ static inline uint32_t uniform16(int64_t i, uint32_t k0, uint32_t k1) {
 VECTOR_CLONES static void run(const float *in, void *out, int64_t n, uint64_t seed, uint32_t threshold,
                               float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    const u32x8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
     const u32x8 threshold8 = threshold - (u32x8){};
     const f32x8 scale8 = scale - (f32x8){};
     const int64_t full_end = n & ~(int64_t)15;
     for (int64_t start = 0; start < full_end; start += 16) {
-        u32x8 h = mix32x8(mix32x8(((uint32_t)(start >> 1) + lanes) ^ k0) ^ k1);
+        u32x8 h = block_hashes(start, k0, k1);
         i32x8 keep_low = (i32x8)((h & 0xFFFFu) < threshold8);
         i32x8 keep_high = (i32x8)((h >> 16) < threshold8);
         if (in) {
@@ -82,8 +70,10 @@ VECTOR_CLONES static void run(const float *in, void *out, int64_t n, uint64_t se
             }
         }
     }
+    u32x8 h = block_hashes(full_end, k0, k1); /* the last, partial block */
     for (int64_t i = full_end; i < n; ++i) {
-        int keep = uniform16(i, k0, k1) < threshold;
+        int r = (int)(i - full_end);
+        int keep = (r < 8 ? (h[r] & 0xFFFFu) : (h[r - 8] >> 16)) < threshold;
         if (in)
             ((float *)out)[i] = in[i] * (keep ? scale : 0.0f);
         else
