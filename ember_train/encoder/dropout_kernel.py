@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def _build(library: Path) -> None:
 def load() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or ``None`` where it cannot be built or loaded."""
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *_compiler(), *FLAGS, sys.platform, os.uname().machine]).encode()
+        "\0".join([SOURCE.read_text(), *_compiler(), *FLAGS, sys.platform, platform.machine()]).encode()
     ).hexdigest()[:16]
     library = cache_dir() / f"dropout_kernel-{key}.so"
     try:
@@ -87,20 +88,20 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def dropout_f32(lib: ctypes.CDLL, x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
-    """``x`` (float32, CPU) with the elements the mask drops zeroed and the rest multiplied by ``scale``."""
+def dropout_f32(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """``x`` (float32, CPU) with the elements the mask drops zeroed and the rest multiplied by ``scale``.
+
+    This and :func:`keep_mask` need the kernel: callers check :func:`load` first."""
     # Named for the profiler, which does not see inside a ctypes call.
     with torch.profiler.record_function("ember_train::dropout_kernel"):
         x = x.contiguous()
         out = torch.empty_like(x)
-        lib.ember_dropout_f32(x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale)
+        load().ember_dropout_f32(x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale)
     return out
 
 
-def keep_mask(
-    lib: ctypes.CDLL, shape: torch.Size | tuple[int, ...], seed: int, threshold: int
-) -> torch.Tensor:
+def keep_mask(shape: torch.Size | tuple[int, ...], seed: int, threshold: int) -> torch.Tensor:
     """The boolean mask itself (for dtypes other than float32)."""
     mask = torch.empty(shape, dtype=torch.bool)
-    lib.ember_keep_mask(mask.data_ptr(), mask.numel(), seed, threshold)
+    load().ember_keep_mask(mask.data_ptr(), mask.numel(), seed, threshold)
     return mask

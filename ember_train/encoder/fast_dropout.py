@@ -81,10 +81,9 @@ def numpy_keep_mask(numel: int, seed: int, threshold: int) -> np.ndarray:
 
 
 def _mask_from_seed(shape: torch.Size | tuple[int, ...], seed: int, threshold: int) -> torch.Tensor:
-    lib = dropout_kernel.load()
     with torch.profiler.record_function("ember_train::keep_mask"):
-        if lib is not None:
-            return dropout_kernel.keep_mask(lib, shape, seed, threshold)
+        if dropout_kernel.load() is not None:
+            return dropout_kernel.keep_mask(shape, seed, threshold)
         return torch.from_numpy(numpy_keep_mask(math.prod(shape), seed, threshold)).view(shape)
 
 
@@ -118,11 +117,11 @@ class _SeededDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:  # type: ignore[override]
         ctx.mask_args = (seed, threshold, scale)
-        return dropout_kernel.dropout_f32(dropout_kernel.load(), x, seed, threshold, scale)
+        return dropout_kernel.dropout_f32(x, seed, threshold, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        return dropout_kernel.dropout_f32(dropout_kernel.load(), grad, *ctx.mask_args), None, None, None
+        return dropout_kernel.dropout_f32(grad, *ctx.mask_args), None, None, None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
