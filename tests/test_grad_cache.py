@@ -69,7 +69,10 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, devi
         backward=lambda t: t.backward(), no_sync=nullcontext, sync=True, may_backward=lambda t: True
     )
     loss = grad_cache_step(encoder, [q_features, d_features], lambda emb: _loss(emb, loss_fn), ctx, chunk)
-    assert loss.item() == reference_loss.item()
+    # Bit-equal on CPU. On CUDA, packed pooling's index_add adds with atomics in a varying
+    # order (seen on an H200: 1e-7 relative, in one run of two); other dropout masks move it far more.
+    rtol = 0.0 if device == "cpu" else 1e-6
+    torch.testing.assert_close(loss.detach(), reference_loss.detach(), rtol=rtol, atol=0.0)
     compared = 0
     for name, param in encoder.named_parameters():
         if name in reference:

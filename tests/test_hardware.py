@@ -45,6 +45,7 @@ def test_build_accelerator_warns_for_bf16_on_cpu_without_it(
     avx2_flags = hardware.cpu_flags(AVX2_ONLY)
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: avx2_flags)
     monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the warning is for CPU runs; a GPU machine has CUDA
     with caplog.at_level(logging.WARNING):
         build_accelerator(TrainConfig(mixed_precision="bf16"), tmp_path, seed=0)
     assert any("without native bf16" in r.getMessage() for r in caplog.records)

@@ -32,8 +32,12 @@ from ember_train.training.checkpoint import (
 
 
 @pytest.fixture
-def setup(tmp_path):
-    """An accelerator with a prepared model and optimizer, and a helper that saves at a step."""
+def setup(tmp_path, fresh_accelerate_state):
+    """An accelerator with a prepared model and optimizer, and a helper that saves at a step.
+
+    The state is reset first: on a GPU machine an earlier test in the same process may have
+    fixed accelerate's device to CUDA, and ``cpu=True`` cannot change it afterwards.
+    """
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = TinyModel()

@@ -73,3 +73,25 @@ def test_head_rejects_unsaveable_or_unknown_labels():
     head = LinearHead(4, ["a", "b"])
     with pytest.raises(ValueError, match="'z' is not one of"):
         head.targets(["a", "z"])
+
+
+def test_heads_take_tensors_without_numpy(monkeypatch):
+    """A CUDA tensor has no NumPy view (``np.asarray`` raises): tensors must be moved, not converted.
+
+    Seen on an H200: the SetFit pipeline's evaluation crashed in ``predict_proba``. Here every
+    tensor refuses ``__array__`` the way a CUDA tensor does.
+    """
+    x, y = blobs(labels=("a", "b"))
+    expected_head = fit_logistic_regression(x, y, seed=0)
+    expected = expected_head.predict_proba(x)
+
+    def no_numpy_view(self, dtype=None, copy=None):
+        raise TypeError("can't convert this tensor to numpy")
+
+    monkeypatch.setattr(torch.Tensor, "__array__", no_numpy_view)
+    emb = torch.from_numpy(x)
+    head = fit_logistic_regression(emb, y, seed=0)
+    np.testing.assert_array_equal(head.predict_proba(emb), expected)
+    assert head.predict(emb) == expected_head.predict(x)
+    linear = LinearHead(x.shape[1], ["a", "b"])
+    assert len(fit_linear_head(linear, emb, y, epochs=2)) == 2

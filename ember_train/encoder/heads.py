@@ -70,7 +70,7 @@ class LinearHead(nn.Module):
     @torch.no_grad()
     def predict_proba(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """``[N, num_labels]`` probabilities, columns in ``self.labels`` order."""
-        x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32).to(self.linear.weight.device)
+        x = _float_rows(embeddings, self.linear.weight.device)
         return self.probabilities(self(x)).float().cpu().numpy()
 
     def predict(self, embeddings: torch.Tensor | np.ndarray, threshold: float = 0.5) -> list[Any]:
@@ -140,6 +140,12 @@ def label_list(labels: Sequence[Any], multi_label: bool) -> list[Hashable]:
         return list(seen)
 
 
+def _float_rows(embeddings: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Embeddings as a float32 tensor on ``device``; a tensor moves directly (a CUDA one has no NumPy view)."""
+    x = embeddings if isinstance(embeddings, torch.Tensor) else torch.from_numpy(np.asarray(embeddings))
+    return x.to(device=device, dtype=torch.float32)
+
+
 def fit_logistic_regression(
     embeddings: np.ndarray | torch.Tensor,
     labels: Sequence[Any],
@@ -154,7 +160,7 @@ def fit_logistic_regression(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    x = np.asarray(embeddings, dtype=np.float32)
+    x = _float_rows(embeddings, "cpu").numpy()
     classes = list(classes) if classes is not None else label_list(labels, multi_label)
     with torch.random.fork_rng(devices=[]):  # its init is overwritten; leave the training RNG alone
         head = LinearHead(x.shape[1], classes, multi_label=multi_label, kind="logistic_regression")
@@ -209,8 +215,9 @@ def fit_linear_head(
     The embeddings fit in memory for any realistic labelled set, so this is a few milliseconds
     per epoch and needs none of the training loop's machinery.
     """
-    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
-    y = head.targets(labels)
+    device = head.linear.weight.device
+    x = _float_rows(embeddings, device)
+    y = head.targets(labels).to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
     was_training = head.training
