@@ -342,8 +342,14 @@ def bench_st(
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.training_args import BatchSamplers
+
+    try:  # the module layout of newer sentence-transformers (the old paths warn, then go)
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.training_args import BatchSamplers
+    import transformers
     from transformers import TrainerCallback
 
     from ember_train.encoder.encoder import resolve_model_path
@@ -363,12 +369,16 @@ def bench_st(
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
+    # 10% warmup: transformers 5 takes it as a float warmup_steps (warmup_ratio is deprecated there).
+    st_warmup = (
+        {"warmup_steps": 0.1} if int(transformers.__version__.split(".")[0]) >= 5 else {"warmup_ratio": 0.1}
+    )
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "st"),
         per_device_train_batch_size=batch_size,
         max_steps=steps,
         learning_rate=2e-5,
-        warmup_ratio=0.1,
+        **st_warmup,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not cuda,

@@ -178,7 +178,11 @@ def run_setfit_library(
     args: argparse.Namespace, train: LabelledTexts, test: LabelledTexts, seed: int
 ) -> dict[str, Any]:
     from datasets import Dataset
-    from sentence_transformers.losses import CoSENTLoss, CosineSimilarityLoss
+
+    try:  # the module layout of newer sentence-transformers (the old path warns, then goes)
+        from sentence_transformers.sentence_transformer.losses import CoSENTLoss, CosineSimilarityLoss
+    except ImportError:
+        from sentence_transformers.losses import CoSENTLoss, CosineSimilarityLoss
     from setfit import SetFitModel, Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory(prefix="bench-setfit-") as tmp:

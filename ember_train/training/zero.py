@@ -42,7 +42,11 @@ def complete_config(ds_config: dict, cfg: TrainConfig, model: nn.Module) -> None
     the values follow accelerate's rules)."""
     if cfg.gradient_accumulation_steps > 1:
         # A skipped (non-finite) micro-batch cannot be taken back out of DeepSpeed's buffers.
-        raise ValueError("with DeepSpeed, use gradient_accumulation_steps: 1 (or a larger batch_size)")
+        raise ValueError(
+            "with DeepSpeed, use gradient_accumulation_steps: 1. Contrastive and SetFit-style runs can "
+            "raise batch_size and set grad_cache_chunk_size instead: the gradient cache keeps memory "
+            "flat and, unlike accumulation, gives every query the whole batch's negatives"
+        )
     ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds_config["gradient_clipping"] = max(cfg.max_grad_norm, 0.0)
     hidden = next(
