@@ -90,6 +90,11 @@ def main() -> None:
     parser.add_argument(
         "--torch-dropout", action="store_true", help="PyTorch's dropout masks (train.fast_cpu_dropout: false)"
     )
+    parser.add_argument(
+        "--dense-embedding-grad",
+        action="store_true",
+        help="a fresh dense word-embedding gradient per forward call (train.fast_cpu_embedding_grad: false)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -98,6 +103,7 @@ def main() -> None:
     from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_loss_step
+    from ember_train.training.embedding_grad import EmbeddingGradBuffer
     from ember_train.training.loop import build_optimizer
 
     if args.threads:
@@ -116,10 +122,14 @@ def main() -> None:
     if not args.torch_dropout:
         use_fast_cpu_dropout(encoder)  # what the training loop does on CPU (train.fast_cpu_dropout)
     optimizer = build_optimizer(encoder, cfg.train)
+    # The loop's persistent word-embedding gradient on CPU (train.fast_cpu_embedding_grad).
+    grad_buffer = None if args.dense_embedding_grad else EmbeddingGradBuffer.for_model(encoder)
     loss_step = make_loss_step(InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric))
     encoder.train()
 
     def step(batch: dict) -> None:
+        if grad_buffer is not None:
+            grad_buffer.attach()
         loss, _ = loss_step(encoder, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)

@@ -29,6 +29,7 @@ from ember_train.encoder.packing import HOST_KEYS
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
+from ember_train.training.embedding_grad import EmbeddingGradBuffer
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning
 from ember_train.training.logging import MetricsLogger
@@ -139,6 +140,9 @@ def train_loop(
     # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
     # the prepared optimizer, inside the wrapper accelerate registered for checkpoints.
     scheduler.scheduler = schedule(optimizer)
+    embedding_grad = None
+    if cfg.fast_cpu_embedding_grad and accelerator.device.type == "cpu" and not zero.active(accelerator):
+        embedding_grad = EmbeddingGradBuffer.for_model(accelerator.unwrap_model(model))
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
@@ -167,6 +171,8 @@ def train_loop(
     micro_batches: list[tuple[torch.Tensor, dict[str, Any]]] = []
     start_time = time.perf_counter()
     model.train()
+    if embedding_grad is not None:
+        embedding_grad.attach()
 
     while state.step < total_steps:
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
@@ -241,6 +247,8 @@ def train_loop(
                     state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
+            if embedding_grad is not None:
+                embedding_grad.attach()
             state.step += 1
             progress.update(1)
 
@@ -270,6 +278,8 @@ def train_loop(
         break
 
     progress.close()
+    if embedding_grad is not None:
+        embedding_grad.release()
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     if zero.active(accelerator):
