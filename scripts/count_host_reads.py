@@ -9,7 +9,8 @@ one-time reads (loading, the packing check, checkpoints) cancel out. Reads are c
 a device one, so packed batches show the layout's reads of host metadata too; batches are collated
 in a data-loader worker, whose reads of host tensors are not counted). On a CUDA GPU the
 run is also made under ``torch.cuda.set_sync_debug_mode("warn")`` and the synchronising CUDA calls
-are counted: the number that matters there.
+are counted: the number that matters there, with the Python lines that made them (a call made
+during ``backward`` is attributed to the line that started the backward pass).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,8 +32,8 @@ from ember_train.pipelines import contrastive  # noqa: E402
 from ember_train.training.host_reads import HostReadCounter  # noqa: E402
 
 
-def one_run(args: argparse.Namespace, layout: str, steps: int, out: Path) -> tuple[int, int | None]:
-    """(counted host reads, CUDA synchronisations or None) of one training run of ``steps`` steps."""
+def one_run(args: argparse.Namespace, layout: str, steps: int, out: Path) -> tuple[int, Counter | None]:
+    """(counted host reads, CUDA synchronisations by source line, or None) of a run of ``steps`` steps."""
     pack = "true" if layout == "packed" else "false"
     cfg_path = out / f"{layout}_{steps}.yaml"
     cfg_path.write_text(
@@ -55,8 +57,11 @@ def one_run(args: argparse.Namespace, layout: str, steps: int, out: Path) -> tup
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchronizing" in str(w.message) for w in caught) if cuda else None
-    return reads.total, syncs
+    if not cuda:
+        return reads.total, None
+    return reads.total, Counter(
+        f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
+    )
 
 
 def main() -> None:
@@ -78,14 +83,20 @@ def main() -> None:
             short = one_run(args, layout, args.steps, Path(tmp))
             long = one_run(args, layout, 2 * args.steps, Path(tmp))
             per_step = (long[0] - short[0]) / args.steps
-            syncs = None if short[1] is None else (long[1] - short[1]) / args.steps
-            rows.append((layout, per_step, syncs))
+            sources = None if short[1] is None else long[1] - short[1]  # what the extra steps added
+            rows.append((layout, per_step, sources))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}, batch {args.batch_size}, max length {args.max_length}, precision {args.precision}")
     print("| layout | host reads per optimizer step (counted) | CUDA synchronisations per step |")
     print("|---|---:|---:|")
-    for layout, per_step, syncs in rows:
-        print(f"| {layout} | {per_step:g} | {'-' if syncs is None else f'{syncs:g}'} |")
+    for layout, per_step, sources in rows:
+        syncs = "-" if sources is None else f"{sum(sources.values()) / args.steps:g}"
+        print(f"| {layout} | {per_step:g} | {syncs} |")
+    for layout, _, sources in rows:
+        if sources:
+            print(f"\n{layout}: synchronising CUDA calls per step, by the Python line that made them")
+            for where, count in sources.most_common(12):
+                print(f"  {count / args.steps:g}  {where}")
 
 
 if __name__ == "__main__":
