@@ -78,10 +78,17 @@ def test_buffer_gives_the_dense_gradient_without_a_dense_embedding_backward(tiny
     assert weight.grad is None or weight.grad is not buffer.buffer
 
 
-def test_no_buffer_for_frozen_embeddings(tiny_bert_path):
+def test_no_buffer_for_frozen_or_unknown_embeddings(tiny_bert_path, monkeypatch):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16)
     encoder.backbone.get_input_embeddings().weight.requires_grad_(False)
     assert EmbeddingGradBuffer.for_model(encoder) is None
+
+    def not_implemented():
+        raise NotImplementedError
+
+    monkeypatch.setattr(encoder.backbone, "get_input_embeddings", not_implemented)
+    assert EmbeddingGradBuffer.for_model(encoder) is None
+    assert EmbeddingGradBuffer.for_model(torch.nn.Linear(2, 2)) is None
 
 
 def _run(tmp_path: Path, model: Path, name: str, *overrides: str) -> tuple[list[float], dict]:

@@ -33,10 +33,11 @@ class EmbeddingGradBuffer:
     @classmethod
     def for_model(cls, model: nn.Module) -> EmbeddingGradBuffer | None:
         """The buffer for the model's trainable input embedding, or None if it has none."""
-        embedding = next(
-            (m.get_input_embeddings() for m in model.modules() if hasattr(m, "get_input_embeddings")),
-            None,
-        )
+        owner = next((m for m in model.modules() if hasattr(m, "get_input_embeddings")), None)
+        try:
+            embedding = owner.get_input_embeddings() if owner is not None else None
+        except NotImplementedError:  # a model class without the accessor: keep PyTorch's gradient
+            return None
         if not isinstance(embedding, nn.Embedding) or not embedding.weight.requires_grad:
             return None
         return cls(embedding)
