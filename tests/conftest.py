@@ -102,3 +102,25 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_tiny_contrastive(tmp_path: Path, model: Path, name: str, *overrides: str) -> tuple[list[float], dict]:
+    """A 3-step contrastive run on 48 quickstart pairs (batch 12, exported): its logged losses and final weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ember_train.config import load_config
+    from ember_train.pipelines import contrastive
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"task: contrastive\noutput_dir: {tmp_path / name}\nseed: 3\n"
+        f"model: {{name_or_path: {model}, max_seq_length: 24}}\n"
+        f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 48}}\n"
+        "train: {batch_size: 12, max_steps: 3, learning_rate: 1.0e-3, log_every: 1}\nexport: {enabled: true}\n"
+    )
+    contrastive.run(load_config(str(path), list(overrides)))
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return losses, load_file(str(tmp_path / name / "final" / "model.safetensors"))

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import run_tiny_contrastive, two_process_launch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ember_train.config import load_config
 from ember_train.encoder import Encoder
-from ember_train.pipelines import contrastive
 from ember_train.training import embedding_grad
 from ember_train.training.embedding_grad import EmbeddingGradBuffer
 
@@ -91,21 +88,6 @@ def test_no_buffer_for_frozen_or_unknown_embeddings(tiny_bert_path, monkeypatch)
     assert EmbeddingGradBuffer.for_model(torch.nn.Linear(2, 2)) is None
 
 
-def _run(tmp_path: Path, model: Path, name: str, *overrides: str) -> tuple[list[float], dict]:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"task: contrastive\noutput_dir: {tmp_path / name}\nseed: 3\n"
-        f"model: {{name_or_path: {model}, max_seq_length: 24}}\n"
-        f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 48}}\n"
-        "train: {batch_size: 6, max_steps: 3, gradient_accumulation_steps: 2, learning_rate: 1.0e-3,"
-        " log_every: 1}\nexport: {enabled: true}\n"
-    )
-    contrastive.run(load_config(str(path), list(overrides)))
-    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-    return losses, load_file(str(tmp_path / name / "final" / "model.safetensors"))
-
-
 @pytest.mark.parametrize("pack", ["true", "false"])
 def test_training_with_the_buffer_matches_training_without(tmp_path, tiny_bert_path, monkeypatch, pack):
     """Dropout on, gradient accumulation 2: the same losses and weights (up to summation order)."""
@@ -114,14 +96,11 @@ def test_training_with_the_buffer_matches_training_without(tmp_path, tiny_bert_p
     monkeypatch.setattr(
         embedding_grad.EmbeddingGradBuffer, "attach", lambda self: attached.append(1) or attach(self)
     )
-    with_losses, with_buffer = _run(tmp_path, tiny_bert_path, "buffer", f"train.pack_sequences={pack}")
+    accumulate = ("train.batch_size=6", "train.gradient_accumulation_steps=2", f"train.pack_sequences={pack}")
+    with_losses, with_buffer = run_tiny_contrastive(tmp_path, tiny_bert_path, "buffer", *accumulate)
     assert len(attached) == 4  # before training, then after each of the 3 optimizer steps
-    without_losses, without = _run(
-        tmp_path,
-        tiny_bert_path,
-        "plain",
-        f"train.pack_sequences={pack}",
-        "train.fast_cpu_embedding_grad=false",
+    without_losses, without = run_tiny_contrastive(
+        tmp_path, tiny_bert_path, "plain", *accumulate, "train.fast_cpu_embedding_grad=false"
     )
     assert len(attached) == 4
     assert with_losses == pytest.approx(without_losses, rel=1e-5)

@@ -4,14 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import run_tiny_contrastive
 
-from ember_train.config import load_config
 from ember_train.encoder import Encoder
 from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
 from ember_train.encoder.packing import split_batch
 from ember_train.losses.infonce import InfoNCELoss
-from ember_train.pipelines import contrastive
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,21 +81,6 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, devi
     assert torch.equal(torch.rand(3, device=device), reference_next)
 
 
-def _run(tmp_path, model, name, *overrides):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"task: contrastive\noutput_dir: {tmp_path / name}\nseed: 3\n"
-        f"model: {{name_or_path: {model}, max_seq_length: 24}}\n"
-        f"data: {{train: {REPO / 'data/quickstart/train.jsonl'}, max_examples: 48}}\n"
-        "train: {batch_size: 12, max_steps: 3, learning_rate: 1.0e-3, log_every: 1}\nexport: {enabled: true}\n"
-    )
-    contrastive.run(load_config(str(path), list(overrides)))
-    losses = [
-        json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-    ]
-    return losses, load_file(str(tmp_path / name / "final" / "model.safetensors"))
-
-
 def test_training_with_grad_cache_matches_plain_training(tmp_path, tiny_bert_path):
     # Without dropout, chunking must not change anything: same losses, same weights.
     no_dropout = tmp_path / "model"
@@ -108,8 +91,10 @@ def test_training_with_grad_cache_matches_plain_training(tmp_path, tiny_bert_pat
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (no_dropout / "config.json").write_text(json.dumps(config))
 
-    plain_losses, plain = _run(tmp_path, no_dropout, "plain")
-    cached_losses, cached = _run(tmp_path, no_dropout, "cached", "train.grad_cache_chunk_size=5")
+    plain_losses, plain = run_tiny_contrastive(tmp_path, no_dropout, "plain")
+    cached_losses, cached = run_tiny_contrastive(
+        tmp_path, no_dropout, "cached", "train.grad_cache_chunk_size=5"
+    )
     assert cached_losses == [pytest_approx(x) for x in plain_losses]
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
