@@ -17,12 +17,43 @@ from pathlib import Path
 from ember_train.config import ConfigError, from_dict, load_config, read_yaml
 from ember_train.data.reader import DataError
 
+# Messages of libraries that say nothing to a user of ember-train: what they report is expected
+# (tied MLM-head weights are saved once; a body without an MLM head gets a new one, which the
+# RetroMAE pipeline states itself).
+_EXPECTED_LIBRARY_MESSAGES = {
+    "accelerate.utils.other": ("Removed shared tensor",),
+    "transformers.modeling_utils": ("This checkpoint seem corrupted",),
+}
+# transformers' per-call progress bars for reading and writing one model file (milliseconds here).
+_QUIET_PROGRESS_BARS = ("Loading weights", "Writing model shards")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(self.starts)
+
+
+def _without_weight_file_bars(factory, args, kwargs):  # noqa: ANN001 (transformers' tqdm hook)
+    if str(kwargs.get("desc", "")).startswith(_QUIET_PROGRESS_BARS):
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
 
 def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # accelerate logs five INFO lines per checkpoint; ember-train's own "saved checkpoint" says it.
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, starts in _EXPECTED_LIBRARY_MESSAGES.items():
+        logging.getLogger(name).addFilter(_DropMessages(starts))
+    from transformers.utils import logging as transformers_logging
+
+    if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers >= 5
+        transformers_logging.set_tqdm_hook(_without_weight_file_bars)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -121,14 +152,14 @@ def _report(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from ember_train.encoder.encoder import UnsafeWeightsError
+    from ember_train.encoder.encoder import ModelNotFoundError, UnsafeWeightsError
     from ember_train.export.hub import HubUploadError
     from ember_train.training.checkpoint import CheckpointError
     from ember_train.training.loop import NonFiniteLossError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, UnsafeWeightsError) as e:
+    except (ConfigError, DataError, UnsafeWeightsError, ModelNotFoundError) as e:
         # User errors: one clear line, no stack trace from deep inside a library.
         _report(str(e))
         return 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_tiny_contrastive, two_process_launch
+from conftest import assert_close_at_scale, run_tiny_contrastive, two_process_launch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -67,7 +67,7 @@ def test_buffer_gives_the_dense_gradient_without_a_dense_embedding_backward(tiny
         shapes = _backward_twice(encoder, features, buffer)
         assert weight.grad is buffer.buffer and weight.grad.layout == torch.strided
         assert word not in shapes
-        torch.testing.assert_close(weight.grad, reference, rtol=1e-6, atol=1e-7)
+        assert_close_at_scale(weight.grad, reference, rel=1e-6)  # sparse vs dense: another order of sums
     assert reference.abs().sum() > 0
 
     buffer.release()

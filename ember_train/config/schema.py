@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,6 +89,10 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | path to a checkpoint
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps skipped before the run stops
     num_workers: int = 0
+    # Torch threads per process on CPU; 0 = every physical core, divided among the processes on the
+    # machine (also under `accelerate launch`, which otherwise leaves one thread). An explicit
+    # OMP_NUM_THREADS or --num_cpu_threads_per_process is kept.
+    cpu_threads: int = 0
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, wandb
     wandb_project: str = "ember-train"
     wandb_run_name: str | None = None
@@ -95,10 +100,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         if self.padded_slices < 1:
             raise ValueError("padded_slices must be >= 1")
+        if self.cpu_threads < 0:
+            raise ValueError("cpu_threads must be >= 0 (0 = all physical cores)")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError("warmup_ratio must be in [0, 1]")
         unknown = set(self.report_to) - {"jsonl", "wandb"}

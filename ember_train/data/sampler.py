@@ -130,6 +130,27 @@ class ShardedBatchSampler:
         self._cache = (self.epoch, batches)
         return batches
 
+    def size_warnings(self, unit: str = "examples", min_useful: int = 2) -> tuple[list[str], bool]:
+        """What a user should know about the global batches before training on them, and whether
+        every batch is too small to learn from (in-batch negatives need ``min_useful`` examples)."""
+        sizes = [len(b) for b in self._global_batches()]
+        if not sizes:
+            return [], True
+        notes = []
+        if self.num_examples < self.global_batch_size:
+            notes.append(
+                f"only {self.num_examples} {unit}: a batch holds at most {max(sizes)}, not "
+                f"{self.global_batch_size} (train.batch_size x processes)"
+            )
+        small = sum(size < min_useful for size in sizes)
+        if small:
+            notes.append(
+                f"{small} of {len(sizes)} batches hold fewer than {min_useful} {unit} with distinct texts "
+                "(a repeated text waits for a later batch, never meeting itself as a negative): with "
+                "in-batch negatives alone their loss is 0"
+            )
+        return notes, small == len(sizes)
+
     def _shard(self, batch: list[int]) -> list[int]:
         # Contiguous, near-equal slices: rank r gets the r-th slice of the global batch.
         n, w = len(batch), self.world_size

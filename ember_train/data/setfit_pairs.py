@@ -312,7 +312,7 @@ class ContrastivePairs(Dataset):
         if self.n_positive == 0:
             raise ValueError(
                 "no positive pairs: every label has a single text (give at least two texts of some label, "
-                "or set include_self_pairs)"
+                "or set pairs.include_self_pairs: true to pair each text with itself)"
             )
         if self.n_negative == 0:
             raise ValueError("no negative pairs: every text shares a label with every other text")

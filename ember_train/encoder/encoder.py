@@ -7,6 +7,8 @@ one stage is the starting point of the next and the exported vectors are the tra
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -43,8 +45,15 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
+logger = logging.getLogger(__name__)
+
+
 class UnsafeWeightsError(ValueError):
     """A checkpoint offers only pickle weights, and loading them was not explicitly allowed."""
+
+
+class ModelNotFoundError(ValueError):
+    """``model.name_or_path`` names no local directory, installed package or reachable Hub model."""
 
 
 def weight_loading_kwargs(name_or_path: str, allow_pickle_weights: bool = False) -> dict:
@@ -62,6 +71,61 @@ def weight_loading_kwargs(name_or_path: str, allow_pickle_weights: bool = False)
         if pickles:
             raise UnsafeWeightsError(_pickle_refusal(name_or_path, f"pickle files ({', '.join(pickles)})"))
     return {"use_safetensors": True}
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT table (kept to re-emit if the load fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+def load_backbone(auto_class: type, name_or_path: str, **kwargs) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` that says in one line what matters of the weights it did not find.
+
+    transformers prints a table for every key it did not match: for an encoder loaded from an MLM
+    checkpoint (the head's keys) or an MLM model from a sentence-transformers body (a new head),
+    that table is expected noise. Encoder weights missing from the checkpoint are not: they stay
+    random, and that is a warning. A new task head is stated as such.
+    """
+    held = _HeldLoadReport()
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")
+    ]
+    for log in loggers:
+        log.addFilter(held)
+    try:
+        model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    except Exception:
+        for record in held.held:
+            logging.getLogger(record.name).handle(record)
+        raise
+    finally:
+        for log in loggers:
+            log.removeFilter(held)
+    prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys") or [])
+    head = [k for k in missing if prefix and not k.startswith(prefix)]
+    body = [k for k in missing if k not in head and "pooler." not in k]  # the pooler is never used
+    if body:
+        logger.warning(
+            "%s: %d encoder weights are not in the checkpoint and start random: %s",
+            name_or_path,
+            len(body),
+            ", ".join(body[:8]) + (", ..." if len(body) > 8 else ""),
+        )
+    if head:
+        modules = sorted({k.rsplit(".", 2)[0] for k in head})
+        kind = auto_class.__name__.removeprefix("AutoModelFor")
+        logger.info("the checkpoint has no %s head: a new one is initialised (%s)", kind, ", ".join(modules))
+    return model
 
 
 def backbone_config(
@@ -103,14 +167,41 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     """
     name = str(name_or_path)
     if not name.startswith("package:"):
-        return name
+        if not Path(name).expanduser().exists() and _is_path(name):
+            raise ModelNotFoundError(
+                f"model {name!r}: no such directory (a model is a local directory or a Hub id 'org/name')"
+            )
+        return str(Path(name).expanduser()) if name.startswith("~") else name
     package, _, sub = name[len("package:") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{name}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
         )
-    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{name}: no directory {sub!r} in package {package!r} ({path})")
+    return str(path)
+
+
+def _is_path(name: str) -> bool:
+    """A name that can only be a path: a Hub id is ``name`` or ``org/name``."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; the first file a run reads, so a model that cannot be found fails here
+    with a message that says so (transformers' own is about Hub repository names or connections)."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(name_or_path).is_dir():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        where = "offline (HF_HUB_OFFLINE=1) and not in the Hub cache" if offline else str(e).splitlines()[0]
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: not a local directory, and not loadable from the Hugging Face Hub: {where}"
+        ) from e
 
 
 def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int, multiple_of: int = 1) -> list[int]:
@@ -246,13 +337,13 @@ class Encoder(nn.Module):
         name_or_path = resolve_model_path(name_or_path)
         weight_kwargs = weight_loading_kwargs(name_or_path, allow_pickle_weights)
         stored = read_sentence_transformers_settings(name_or_path) if Path(name_or_path).is_dir() else {}
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         try:
             config = backbone_config(
                 name_or_path, trust_remote_code=trust_remote_code, attention_dropout=attention_dropout
             )
-            backbone = AutoModel.from_pretrained(
-                name_or_path, config=config, trust_remote_code=trust_remote_code, **weight_kwargs
+            backbone = load_backbone(
+                AutoModel, name_or_path, config=config, trust_remote_code=trust_remote_code, **weight_kwargs
             )
         except OSError as e:  # a Hub repository without safetensors weights
             if not weight_kwargs or Path(name_or_path).is_dir() or "safetensors" not in str(e):
@@ -273,6 +364,15 @@ class Encoder(nn.Module):
     @property
     def dim(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    def describe(self, name: str) -> str:
+        """One line for a run's first screen."""
+        params = sum(p.numel() for p in self.parameters()) / 1e6
+        norm = ", L2-normalised" if self.normalize else ""
+        return (
+            f"{name} ({type(self.backbone).__name__}, {params:.1f}M parameters, {self.dim} dims, "
+            f"{self.pooling} pooling{norm}, max {self.max_seq_length} tokens)"
+        )
 
     def prefix(self, kind: TextKind | None) -> str:
         if kind == "query":

@@ -27,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from ember_train.encoder.encoder import Encoder, backbone_config, weight_loading_kwargs
+from ember_train.encoder.encoder import (
+    Encoder,
+    backbone_config,
+    load_backbone,
+    load_tokenizer,
+    weight_loading_kwargs,
+)
 from ember_train.encoder.pooling import pool
 
 QueryStream = Literal["position", "embedding"]
@@ -344,8 +350,9 @@ class RetroMAEModel(nn.Module):
         is initialised and tied by transformers), and a new or saved decoder. A new decoder takes
         its dropout from the backbone's config, so ``attention_dropout`` reaches both."""
         name_or_path = str(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        mlm = AutoModelForMaskedLM.from_pretrained(
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        mlm = load_backbone(
+            AutoModelForMaskedLM,
             name_or_path,
             config=backbone_config(
                 name_or_path, trust_remote_code=trust_remote_code, attention_dropout=attention_dropout

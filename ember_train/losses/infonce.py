@@ -57,9 +57,9 @@ class InfoNCELoss(nn.Module):
     def forward(
         self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None
     ) -> torch.Tensor:
-        q = F.normalize(query.float(), dim=-1)
-        p = F.normalize(positive.float(), dim=-1)
-        n = F.normalize(negatives.float(), dim=-1).flatten(0, 1) if negatives is not None else None
+        q = F.normalize(_at_least_float32(query), dim=-1)
+        p = F.normalize(_at_least_float32(positive), dim=-1)
+        n = F.normalize(_at_least_float32(negatives), dim=-1).flatten(0, 1) if negatives is not None else None
         batch = q.shape[0]
 
         offset = 0
@@ -80,7 +80,7 @@ class InfoNCELoss(nn.Module):
         loss = F.cross_entropy(scores, labels, reduction="sum")
 
         if self.symmetric:
-            local_p = F.normalize(positive.float(), dim=-1)
+            local_p = F.normalize(_at_least_float32(positive), dim=-1)
             all_q = q
             if self.gather_across_devices and is_distributed():
                 all_q, _ = gather_with_grad(q)
@@ -88,3 +88,8 @@ class InfoNCELoss(nn.Module):
             loss = (loss + F.cross_entropy(doc_scores, labels, reduction="sum")) / 2
         # Sum over local rows, scaled so that the average over processes is the global mean.
         return loss * world / total
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Scores in float32 at least: bf16/fp16 embeddings are upcast, float64 (tests of equal formulas) kept."""
+    return x if x.dtype == torch.float64 else x.float()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
+from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.encoder import Encoder, restore_order
 from ember_train.encoder.packing import describe_batches, use_packing
@@ -218,6 +219,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         save_config(cfg, output_dir / "config.yaml")
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
     if cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
     examples, bad_rows = load_pairs(
@@ -234,6 +236,17 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     dataloader = make_dataloader(
         examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=pack
     )
+    notes, useless = dataloader.batch_sampler.size_warnings("pairs")
+    if useless and cfg.loss.num_negatives == 0:
+        distinct = len({e.query for e in examples} | {e.positive for e in examples})
+        raise DataError(
+            str(cfg.data.train),
+            None,
+            f"every batch holds a single pair ({len(examples)} pairs, {distinct} distinct texts): "
+            "in-batch negatives need pairs with different texts, or hard negatives (loss.num_negatives)",
+        )
+    for note in notes:
+        logger.warning(note)
     evaluators = build_evaluators(cfg.eval)
 
     def evaluate() -> dict[str, float]:

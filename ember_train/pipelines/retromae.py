@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.masking import RetroMAECollator
+from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.data.text_corpus import (
     CorpusStats,
@@ -201,7 +202,12 @@ def make_dataloader(
     stats = CorpusStats()
     sequences = list(islice(corpus_stream(data.train, model, data, stats), data.max_texts))
     if len(sequences) < world_size:
-        raise ValueError(f"{data.train}: {len(sequences)} usable texts ({stats.summary()})")
+        raise DataError(
+            str(data.train),
+            None,
+            f"{len(sequences)} usable texts for {world_size} process(es) ({stats.summary()}); check "
+            "data.text_field and data.min_tokens",
+        )
     sampler = ShardedBatchSampler(
         len(sequences),
         cfg.train.batch_size,
@@ -329,6 +335,7 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
         save_config(cfg, output_dir / "config.yaml")
 
     model = build_model(cfg)
+    accelerator.print(f"model: {model.encoder.describe(cfg.model.name_or_path)} + MLM head + decoder")
     collator = RetroMAECollator(
         model.tokenizer,
         max_seq_length=model.encoder.max_seq_length,

@@ -198,15 +198,18 @@ def build_pair_dataset(
     parts: list[Dataset] = []
     counts: dict[str, int] = {}
     if train is not None:
-        pairs = ContrastivePairs(
-            train.texts,
-            train.labels,
-            strategy=cfg.pairs.strategy,
-            num_iterations=cfg.pairs.num_iterations,
-            include_self_pairs=cfg.pairs.include_self_pairs,
-            seed=cfg.seed,
-            multi_label=train.multi_label,
-        )
+        try:
+            pairs = ContrastivePairs(
+                train.texts,
+                train.labels,
+                strategy=cfg.pairs.strategy,
+                num_iterations=cfg.pairs.num_iterations,
+                include_self_pairs=cfg.pairs.include_self_pairs,
+                seed=cfg.seed,
+                multi_label=train.multi_label,
+            )
+        except ValueError as e:  # labels that give no positive or no negative pair
+            raise DataError(str(cfg.data.train), None, str(e)) from None
         parts.append(pairs)
         counts.update(
             distinct_positive_pairs=pairs.n_positive,
@@ -402,6 +405,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     data = cfg.data
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
     if cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
     encoder.to(accelerator.device)

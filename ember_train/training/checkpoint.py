@@ -99,6 +99,60 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+# Settings that may change between a run and its resume, and take effect: how long to train, how
+# often to log, evaluate and checkpoint, evaluation and export, and speed switches that compute the
+# same sums. Any other change would be ignored by the restored optimizer, schedule or data order, or
+# would mix two experiments in one run, so it stops the resume.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.resume",
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "train.num_workers",
+    "train.cpu_threads",
+    "train.fast_cpu_embedding_grad",
+    "train.report_to",
+    "train.wandb_project",
+    "train.wandb_run_name",
+    "eval.",
+    "export.",
+)
+
+
+def check_resume_config(run_config: dict, output_dir: str | Path, checkpoint: Path | None) -> None:
+    """Stop a resume whose config changed a setting that cannot take effect mid-run, naming it.
+
+    The reference is the ``config.yaml`` of the run that wrote ``checkpoint``. A restored optimizer
+    keeps its learning rate, a restored sampler its batch size and order: continuing with such a
+    change listed but ignored is what this prevents.
+    """
+    if checkpoint is None:
+        return
+    from ember_train.config.parse import ConfigError, changed_keys, read_yaml
+
+    saved = checkpoint.parent.parent / "config.yaml"
+    if not saved.is_file():
+        return  # a checkpoint from elsewhere: nothing to compare against
+    changes = changed_keys(read_yaml(saved), run_config)
+    fixed = [c for c in changes if not c.split(":")[0].startswith(RESUMABLE_CHANGES)]
+    if fixed:
+        shown = "; ".join(fixed[:8]) + (f"; and {len(fixed) - 8} more" if len(fixed) > 8 else "")
+        raise ConfigError(
+            f"train.resume: {checkpoint} was written by a run with another config, and these settings "
+            f"cannot change when resuming: {shown}. Restore them to continue that run, or start afresh "
+            f"with train.resume=none or another output_dir ({output_dir} is kept as it is)."
+        )
+    if changes:
+        logger.info(
+            "resuming %s with changed settings (they take effect): %s", checkpoint, "; ".join(changes)
+        )
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or directory to disk, so a checkpoint survives a node crash, not only a kill."""
     fd = os.open(path, os.O_RDONLY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,11 +28,17 @@ from ember_train.config.schema import TrainConfig
 from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
 from ember_train.encoder.packing import HOST_KEYS
 from ember_train.training import zero
-from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from ember_train.training.checkpoint import (
+    TrainState,
+    check_resume_config,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.embedding_grad import EmbeddingGradBuffer
 from ember_train.training.grad_cache import StepContext
-from ember_train.training.hardware import cpu_precision_warning
+from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads
 from ember_train.training.logging import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -56,20 +63,32 @@ def build_accelerator(
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step
         **cpu_process_group_kwargs(),
     )
-    if (
-        accelerator.is_main_process
-        and accelerator.device.type == "cpu"
-        and (warning := cpu_precision_warning(cfg.mixed_precision))
-    ):
-        logger.warning(warning)
+    if accelerator.device.type == "cpu":
+        # Saving a model imports DeepSpeed whenever it is installed (transformers -> accelerate), and
+        # DeepSpeed then warns that it "cannot detect an accelerator". Telling it the device silences that.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        threads = set_cpu_threads(cfg.cpu_threads)
+        accelerator.print(
+            f"devices: cpu, {_processes(accelerator.num_processes)} x {threads.threads} threads ({threads.reason})"
+        )
+        if accelerator.is_main_process and (warning := cpu_precision_warning(cfg.mixed_precision)):
+            logger.warning(warning)
+    else:
+        accelerator.print(f"devices: {accelerator.device.type}, {_processes(accelerator.num_processes)}")
     if zero.active(accelerator):
         zero.keep_transformers_out()
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
+    if run_config is not None:  # before anything is loaded, on every process
+        check_resume_config(run_config, output_dir, resolve_resume(cfg.resume, output_dir))
     # One seed on every process: identical initialisation of any new weights (heads, decoders).
     set_seed(seed)
     return accelerator
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n > 1 else "")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -142,20 +161,16 @@ def train_loop(
     scheduler.scheduler = schedule(optimizer)
     embedding_grad = None
     if cfg.fast_cpu_embedding_grad and accelerator.device.type == "cpu" and not zero.active(accelerator):
-        embedding_grad = EmbeddingGradBuffer.for_model(accelerator.unwrap_model(model))
+        embedding_grad = EmbeddingGradBuffer.for_model(zero.unwrap(accelerator, model))
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
-        logger.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            checkpoint,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
+        accelerator.print(
+            f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    saved = state.state_dict() if checkpoint is not None else None  # the newest checkpoint's state
 
     metrics_logger = MetricsLogger(accelerator, output_dir, cfg.report_to)
     progress = tqdm(
@@ -269,6 +284,7 @@ def train_loop(
                 _run_eval(accelerator, evaluate, metrics_logger, state.step)
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                saved = state.state_dict()
             if state.step >= total_steps:
                 break
         else:
@@ -280,7 +296,7 @@ def train_loop(
     progress.close()
     if embedding_grad is not None:
         embedding_grad.release()
-    if save_final_checkpoint:
+    if save_final_checkpoint and state.state_dict() != saved:  # not twice when the last step was saved
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     if zero.active(accelerator):
         zero.take_back_trained_model(accelerator, model)
@@ -289,7 +305,7 @@ def train_loop(
         "epoch": state.epoch,
         "train_seconds": time.perf_counter() - start_time,
         "last_metrics": last_logged,
-        "model": accelerator.unwrap_model(model),
+        "model": zero.unwrap(accelerator, model),
     }
 
 

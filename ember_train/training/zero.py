@@ -23,6 +23,20 @@ def active(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The bare model. ``accelerator.unwrap_model`` imports DeepSpeed whenever it is installed, and
+    DeepSpeed's import prints an accelerator warning on CPU, so it is only asked under DeepSpeed."""
+    if active(accelerator):
+        return accelerator.unwrap_model(model)
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
 def keep_transformers_out() -> None:
     """Unregister accelerate's ZeRO config from transformers.
 

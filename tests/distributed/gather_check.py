@@ -27,7 +27,8 @@ rank, world = accelerator.process_index, accelerator.num_processes
 assert world == 2, f"expected 2 processes, got {world}"
 
 torch.manual_seed(0)
-encoder = Encoder.from_pretrained(model_path, max_seq_length=16)
+# float64: equal formulas, not float32 summation order (gloo's all-reduce vs one matmul).
+encoder = Encoder.from_pretrained(model_path, max_seq_length=16).double()
 encoder.eval()  # no dropout: both sides must see identical activations
 model = accelerator.prepare(encoder)
 
