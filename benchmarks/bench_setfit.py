@@ -356,7 +356,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "sentence_transformers": sentence_transformers.__version__,
-            "setfit": None if "setfit" in unavailable else __import__("setfit").__version__,
+            "setfit": __import__("setfit").__version__ if "setfit" in methods else None,
         },
         "torch_threads": torch.get_num_threads(),
         "unavailable": unavailable,

@@ -56,9 +56,9 @@ def contrastive_config(model: str, train: Path, dev: Path, out: Path, args: argp
 
 def evaluate(model: str, dev: Path, pooling: str) -> float:
     from ember_train.encoder import Encoder
-    from ember_train.pipelines.contrastive import RetrievalEvalConfig, build_retrieval_evaluator
+    from ember_train.pipelines.contrastive import EvalConfig, build_evaluators
 
-    evaluator = build_retrieval_evaluator(RetrievalEvalConfig(data=str(dev), batch_size=64))
+    (evaluator,) = build_evaluators(EvalConfig(data=str(dev), batch_size=64))
     encoder = Encoder.from_pretrained(
         resolve_model(model), pooling=pooling, normalize=True, max_seq_length=128
     )
@@ -123,7 +123,7 @@ def main() -> None:
     start = time.perf_counter()
     out_a = run_contrastive(contrastive_config(MODEL, train, dev, work / "a_contrastive", args))
     seconds["a_contrastive"] = time.perf_counter() - start
-    scores["a"] = out_a["eval_after"]["metrics"]["ndcg@10"]
+    scores["a"] = out_a["eval_after"][0]["metrics"]["ndcg@10"]
     print(f"(a) contrastive: ndcg@10={scores['a']:.2f}", flush=True)
 
     start = time.perf_counter()
@@ -155,7 +155,7 @@ def main() -> None:
     start = time.perf_counter()
     out_b = run_contrastive(contrastive_config(adapted, train, dev, work / "b_contrastive", args))
     seconds["b_contrastive"] = time.perf_counter() - start
-    scores["b"] = out_b["eval_after"]["metrics"]["ndcg@10"]
+    scores["b"] = out_b["eval_after"][0]["metrics"]["ndcg@10"]
     print(f"(b) RetroMAE -> contrastive: ndcg@10={scores['b']:.2f}", flush=True)
 
     summary = {
