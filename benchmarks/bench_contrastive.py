@@ -75,14 +75,12 @@ def bench_ember(
     model: str = MODEL,
     num_workers: int = 0,
     attention_dropout: float | None = None,
-    env: dict[str, str] | None = None,
     padded_slices: int = 2,
     peak_every_step: bool = False,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
-    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` or
-    ``env`` (extra environment variables) run one process of ``train.py`` of its own, whose peak
-    RSS and minor page faults go to ``LAST_EMBER_STATS`` too. ``peak_every_step`` (in-process
+    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs one
+    process of ``train.py`` of its own with that many torch threads. ``peak_every_step`` (in-process
     runs only) adds each timed step's tokens/s and the fp32 peak beside it
     (:func:`peaks_between_steps`)."""
     from ember_train.config import load_config
@@ -104,18 +102,13 @@ def bench_ember(
         "export: {enabled: false}\n"
     )
     step_peaks: list[float] = []
-    if processes == 1 and threads is None and env is None:
+    if processes == 1 and threads is None:
         fresh_accelerate_state()
         with peaks_between_steps(step_peaks) if peak_every_step else nullcontext():
             contrastive.run(load_config(str(cfg_path)))
     elif processes == 1:
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg_path)]
-        child = subprocess.Popen(cmd, cwd=REPO, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        if status != 0:
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
-        LAST_EMBER_STATS.update(peak_rss_mib=usage.ru_maxrss / 1024, minor_faults=usage.ru_minflt)
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
         cmd += [str(processes), "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]
