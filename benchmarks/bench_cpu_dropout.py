@@ -1,6 +1,6 @@
 """CPU dropout masks and contrastive padding, measured in one process.
 
-    python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.bench_cpu_dropout --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --max-length 128 --group-by-length --steps 12
 
 1. One mask of 32 x 12 x 128 x 128 elements (attention probabilities at batch 32): PyTorch's
@@ -21,7 +21,7 @@
    (``train.fast_cpu_embedding_grad: false``). Both copies otherwise train as the loop does on
    CPU, the buffer included:
 
-    python scripts/bench_cpu_dropout.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.bench_cpu_dropout --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --max-length 128 --group-by-length --steps 13 --versus no-dropout
 """
 
@@ -33,22 +33,8 @@ import statistics
 import sys
 import time
 import unittest.mock
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, add_batch_arguments, batches_from_arguments  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-
-
-def median_ms(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+from benchmarks.common import add_batch_arguments, batches_from_arguments, median_ms
 
 
 def main() -> None:

