@@ -77,12 +77,15 @@ def bench_ember(
     attention_dropout: float | None = None,
     padded_slices: int = 2,
     peak_every_step: bool = False,
+    launch: str | None = None,
 ) -> float:
     """One ember-train run; ``processes > 1`` launches ``train.py`` under ``accelerate launch``
     (one torch thread each, gathered negatives) with the same *global* batch; ``threads`` runs one
     process of ``train.py`` of its own with that many torch threads. ``peak_every_step`` (in-process
     runs only) adds each timed step's tokens/s and the fp32 peak beside it
-    (:func:`peaks_between_steps`)."""
+    (:func:`peaks_between_steps`). ``launch="accelerate"`` runs the command a user types,
+    ``accelerate launch train.py`` (no thread flag, the launch config scripts/setup.sh writes);
+    ``launch="accelerate-threads"`` adds ``--num_cpu_threads_per_process`` = the physical cores."""
     from ember_train.config import load_config
     from ember_train.pipelines import contrastive
 
@@ -102,7 +105,16 @@ def bench_ember(
         "export: {enabled: false}\n"
     )
     step_peaks: list[float] = []
-    if processes == 1 and threads is None:
+    if launch is not None:
+        from ember_train.training.hardware import physical_cores
+
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if launch == "accelerate-threads":
+            cmd += ["--num_cpu_threads_per_process", str(physical_cores())]
+        cmd += [str(REPO / "train.py"), "--config", str(cfg_path)]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    elif processes == 1 and threads is None:
         fresh_accelerate_state()
         with peaks_between_steps(step_peaks) if peak_every_step else nullcontext():
             contrastive.run(load_config(str(cfg_path)))
@@ -270,6 +282,7 @@ class Variant(NamedTuple):
     packing: str  # train.pack_sequences: auto (packed on CPU only) | true | false
     attention_dropout: float | None  # model.attention_dropout: None = the checkpoint's
     padded_slices: int = 2  # train.padded_slices (padded batches only)
+    launch: str | None = None  # None (in-process) | accelerate | accelerate-threads
 
 
 def parse_variant(spec: str) -> Variant:
@@ -282,7 +295,8 @@ def parse_variant(spec: str) -> Variant:
     (padding-free rows on any device: ``train.pack_sequences: true``; without either, ``auto``:
     packed on CPU, padded on GPUs), ``1slice`` (padded batches in one slice per side, the fewest
     forward calls: ``train.padded_slices: 1``), ``noattndrop`` (no attention-probability dropout:
-    ``model.attention_dropout: 0``).
+    ``model.attention_dropout: 0``), ``launch`` (``accelerate launch train.py`` as the README types
+    it), ``launchthreads`` (the same with ``--num_cpu_threads_per_process`` = the physical cores).
     """
     side, _, rest = spec.partition(":")
     precision, *extras = rest.split("+")
@@ -291,6 +305,7 @@ def parse_variant(spec: str) -> Variant:
         or precision not in PRECISIONS
         or set(extras)
         - {"grouped", "2proc", "1thread", "torchdropout", "padded", "packed", "1slice", "noattndrop"}
+        - {"launch", "launchthreads"}
         or {"padded", "packed"} <= set(extras)
     ):
         raise SystemExit(f"bad variant {spec!r}: use ember:fp32, ember:fp32+grouped+2proc, st:fp32, ...")
@@ -308,6 +323,11 @@ def parse_variant(spec: str) -> Variant:
         packing="false" if "padded" in extras else "true" if "packed" in extras else "auto",
         attention_dropout=0.0 if "noattndrop" in extras else None,
         padded_slices=1 if "1slice" in extras else 2,
+        launch="accelerate"
+        if "launch" in extras
+        else "accelerate-threads"
+        if "launchthreads" in extras
+        else None,
     )
 
 
@@ -389,6 +409,7 @@ def main() -> None:
                                 args.num_workers,
                                 attention_dropout=variant.attention_dropout,
                                 padded_slices=variant.padded_slices,
+                                launch=variant.launch,
                                 peak_every_step=args.peak_every_step,
                             )
                         )

@@ -76,8 +76,17 @@ def test_load_config_dispatches_on_task(tmp_path):
     cfg = load_config(str(path), ["train.batch_size=8", "loss.temperature=0.05"])
     assert type(cfg).__name__ == "ContrastiveConfig"
     assert cfg.train.batch_size == 8 and cfg.loss.temperature == 0.05
-    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown key 'train\.batchsize'"):
+    # A key from the command line is blamed on the command line, one from the file on the file.
+    with pytest.raises(
+        ConfigError, match=r"^command line \(train\.batchsize=8\): unknown key 'train\.batchsize'"
+    ):
         load_config(str(path), ["train.batchsize=8"])
+    typo = _write(
+        tmp_path,
+        "task: contrastive\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\ntrain: {batchsize: 8}\n",
+    )
+    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown key 'train\.batchsize'"):
+        load_config(str(typo), ["train.batch_size=8"])
     bad = _write(tmp_path, "task: distillation\n")
     with pytest.raises(ConfigError, match="not a pipeline"):
         load_config(str(bad))
@@ -99,22 +108,29 @@ def test_every_shipped_config_validates():
         load_config(str(path))
 
 
-def test_saving_over_another_runs_config_warns_with_the_changes(tmp_path, caplog):
-    from ember_train.config import save_config
+def test_resume_stops_on_a_setting_that_cannot_change_and_lists_those_that_can(tmp_path, caplog):
+    import yaml
+
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
 
     def cfg(**train):
         (tmp_path / "in.yaml").write_text(
             f"task: contrastive\noutput_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: m}}\n"
             f"data: {{train: pairs.jsonl}}\ntrain: {train}\n".replace("'", "")
         )
-        return load_config(str(tmp_path / "in.yaml"))
+        return to_dict(load_config(str(tmp_path / "in.yaml")))
 
-    target = tmp_path / "run" / "config.yaml"
-    with caplog.at_level("WARNING", logger="ember_train.config.parse"):
-        save_config(cfg(learning_rate=2e-5), target)
-        save_config(cfg(learning_rate=2e-5, resume="none"), target)  # same experiment
-        assert not caplog.records
-        save_config(cfg(learning_rate=5e-5), target)
-    assert len(caplog.records) == 1
-    assert "train.learning_rate: 2e-05 -> 5e-05" in caplog.records[0].getMessage()
-    assert "train.resume: 'none' ->" not in caplog.records[0].getMessage()
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_0000002"
+    checkpoint.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg(learning_rate=2e-5, max_steps=4)))
+    check_resume_config(cfg(learning_rate=2e-5, max_steps=4, resume="none"), run, None)  # not resuming
+    with caplog.at_level("INFO", logger="ember_train.training.checkpoint"):
+        check_resume_config(cfg(learning_rate=2e-5, max_steps=8, log_every=1), run, checkpoint)
+    assert "train.max_steps: 4 -> 8" in caplog.text and "train.log_every: 10 -> 1" in caplog.text
+    with pytest.raises(ConfigError) as info:
+        check_resume_config(cfg(learning_rate=5e-5, batch_size=8, max_steps=8), run, checkpoint)
+    message = str(info.value)
+    assert "train.learning_rate: 2e-05 -> 5e-05" in message and "train.batch_size: 32 -> 8" in message
+    assert "train.max_steps" not in message and "train.resume=none" in message

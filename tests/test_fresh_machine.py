@@ -192,16 +192,22 @@ def test_fewer_pairs_than_the_batch_size_are_announced(tmp_path, tiny_bert_path,
     assert "only 3 pairs: a batch holds at most 3, not 32" in caplog.text
 
 
+def _one_step_config(tmp_path: Path, task: str, model: Path, train: Path) -> Path:
+    cfg = tmp_path / f"{task}.yaml"
+    cfg.write_text(
+        f"task: {task}\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {model}, max_seq_length: 16}}\n"
+        f"data: {{train: {train}}}\ntrain: {{batch_size: 2, max_steps: 1}}\n"
+    )
+    return cfg
+
+
 def test_retromae_with_an_empty_corpus_names_the_file(tmp_path, tiny_bert_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    cfg = tmp_path / "retromae.yaml"
-    cfg.write_text(
-        f"task: retromae\noutput_dir: {tmp_path / 'run'}\n"
-        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 16}}\n"
-        f"data: {{train: {empty}}}\ntrain: {{batch_size: 2, max_steps: 1}}\n"
+    line = _error(
+        capsys, ["train", "--config", str(_one_step_config(tmp_path, "retromae", tiny_bert_path, empty))]
     )
-    line = _error(capsys, ["train", "--config", str(cfg)])
     assert line.startswith(f"ember-train: error: {empty}: 0 usable texts"), line
 
 
@@ -210,13 +216,9 @@ def test_setfit_with_one_text_per_label_names_the_file_and_the_key(tmp_path, tin
     data.write_text(
         "".join(json.dumps({"text": f"text {i}", "label": lab}) + "\n" for i, lab in enumerate("abc"))
     )
-    cfg = tmp_path / "setfit.yaml"
-    cfg.write_text(
-        f"task: setfit\noutput_dir: {tmp_path / 'run'}\n"
-        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 16}}\n"
-        f"data: {{train: {data}}}\ntrain: {{batch_size: 2, max_steps: 1}}\n"
+    line = _error(
+        capsys, ["train", "--config", str(_one_step_config(tmp_path, "setfit", tiny_bert_path, data))]
     )
-    line = _error(capsys, ["train", "--config", str(cfg)])
     assert line.startswith(f"ember-train: error: {data}: no positive pairs"), line
     assert "pairs.include_self_pairs: true" in line
 

@@ -151,7 +151,8 @@ def test_cli_subprocess_exit_code_2_one_line_no_traceback(tmp_path, tiny_bert_pa
 
 
 def test_cli_skip_runs_and_reports_the_count(tmp_path, tiny_bert_path, capsys):
-    path = _generated(tmp_path, "invalid_utf8.jsonl")
+    path = tmp_path / "invalid_utf8.jsonl"  # two different good pairs (identical ones are refused)
+    path.write_bytes(GOOD_LINE + b'{"query": "caf\xe9", "pos": "p"}\n' + b'{"query": "q3", "pos": "p3"}\n')
     cfg = _cli_config(tmp_path, tiny_bert_path, path, on_bad_rows="skip")
     assert cli.main(["train", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
