@@ -41,9 +41,10 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from ember_train.encoder.encoder import padding_optimal_cuts
-    from ember_train.encoder.fast_dropout import FastCPUDropout, ember_attention
-    from ember_train.encoder.packing import PACKED_KEY, PackedLayout
+    from ember_train.models.attention import ember_attention
+    from ember_train.models.encoder import padding_optimal_cuts
+    from ember_train.models.packing import PACKED_KEY, PackedLayout
+    from ember_train.speedups.dropout import FastCPUDropout
 
     _, _, batches = batches_from_arguments(args, group_by_length=args.group_by_length)
     rows = [f[PACKED_KEY] for b in batches for side in ("query", "documents") for f in b[side]]

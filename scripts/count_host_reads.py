@@ -27,8 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ember_train.config import load_config  # noqa: E402
-from ember_train.pipelines import contrastive  # noqa: E402
+from ember_train.pipelines import contrastive, load_config  # noqa: E402
 from ember_train.training.host_reads import HostReadCounter  # noqa: E402
 
 

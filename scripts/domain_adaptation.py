@@ -82,8 +82,8 @@ def contrastive_config(model: str, train: Path, dev: Path, out: Path, args: argp
 
 
 def evaluate(model: str, dev: Path, pooling: str) -> float:
-    from ember_train.encoder import Encoder
-    from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.models import Encoder
+    from ember_train.models.encoder import resolve_model_path
     from ember_train.pipelines.contrastive import RetrievalEvalConfig, build_retrieval_evaluator
 
     evaluator = build_retrieval_evaluator(RetrievalEvalConfig(data=str(dev), batch_size=64))

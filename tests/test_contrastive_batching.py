@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ember_train.data.pairs import PairCollator, PairExample, token_counts
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.encoder import padding_optimal_cuts
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder, restore_order
+from ember_train.models.encoder import padding_optimal_cuts
 from ember_train.pipelines.contrastive import make_loss_step
 from ember_train.training.grad_cache import StepContext
 
@@ -101,7 +101,7 @@ def test_slices_are_cut_where_padding_is_least():
 def test_restore_order_undoes_the_length_sort(tiny_bert_path):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
     texts = [e.positive for e in EXAMPLES]
-    slices, order = encoder.tokenize_by_length(texts, num_chunks=3)
+    slices, order = encoder.tokenize_by_length(texts, num_slices=3)
     rows = restore_order([s["attention_mask"].sum(dim=1, keepdim=True) for s in slices], order)
     assert rows.squeeze(1).tolist() == encoder.tokenize(texts)["attention_mask"].sum(dim=1).tolist()
 

@@ -11,9 +11,9 @@ from conftest import run_tiny_contrastive, two_process_launch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ember_train.encoder import Encoder
-from ember_train.training import embedding_grad
-from ember_train.training.embedding_grad import EmbeddingGradBuffer
+from ember_train.models import Encoder
+from ember_train.speedups import embedding_grad
+from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = ["a short one", "a somewhat longer text about debian packages and tools", "x"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import run_tiny_contrastive
 
-from ember_train.encoder import Encoder
-from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-from ember_train.encoder.packing import split_batch
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
+from ember_train.models.packing import split_batch
+from ember_train.speedups.dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,14 +19,14 @@ from reliability.tiny_loop import run_tiny
 import ember_train
 from ember_train.data.masking import RetroMAECollator
 from ember_train.data.pairs import PairCollator, PairExample
-from ember_train.encoder import Encoder
-from ember_train.encoder.heads import LinearHead
-from ember_train.encoder.retromae import RetroMAEModel
 from ember_train.losses.cosine import CosineMSELoss
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.losses.retromae import RetroMAELoss
+from ember_train.models import Encoder
+from ember_train.models.heads import LinearHead
+from ember_train.models.retromae import RetroMAEModel
+from ember_train.models.setfit import SetFitStyleModel
 from ember_train.pipelines import contrastive, retromae, setfit
-from ember_train.setfit_model import SetFitStyleModel
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.host_reads import HostReadCounter
 from ember_train.training.loop import batch_to_device

@@ -9,8 +9,8 @@ from ember_train.config import ConfigError
 from ember_train.config.parse import from_dict
 from ember_train.config.schema import TrainConfig
 from ember_train.data.pairs import token_counts
-from ember_train.encoder import POOLING_MODES, Encoder
-from ember_train.encoder.packing import ATTENTION_GROUPS, packing_supported, split_batch, use_packing
+from ember_train.models import POOLING_MODES, Encoder
+from ember_train.models.packing import ATTENTION_GROUPS, packing_supported, split_batch, use_packing
 
 TEXTS = [
     "a",

@@ -45,7 +45,7 @@ class LabelledTexts:
 
     def label_names(self) -> list[Label]:
         """Distinct labels, sorted when comparable."""
-        from ember_train.encoder.heads import label_list
+        from ember_train.models.heads import label_list
 
         return label_list(self.labels, self.multi_label)
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
-from ember_train.encoder.encoder import Encoder
-from ember_train.encoder.packing import is_packed
+from ember_train.models.encoder import Encoder
+from ember_train.models.packing import is_packed
 
 logger = logging.getLogger(__name__)
 

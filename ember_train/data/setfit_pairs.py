@@ -255,8 +255,8 @@ class _MultiLabelIndex:
         return offset + int(np.searchsorted(gaps, offset, side="right"))
 
 
-class ContrastivePairs(Dataset):
-    """Map-style dataset of ``{"text1", "text2", "label"}`` pairs (label 1.0 positive, 0.0 negative).
+class LabelPairs(Dataset):
+    """Pairs generated from labelled texts: ``{"text1", "text2", "label"}`` (1.0 same label, 0.0 not).
 
     Args:
         texts: the labelled texts.
@@ -388,7 +388,7 @@ def _as_set(label: Any) -> list[Hashable]:
 
 
 class PairBatchSampler:
-    """Global batches over a :class:`ContrastivePairs` (or any sized dataset) in O(1) memory.
+    """Global batches over a :class:`LabelPairs` (or any sized dataset) in O(1) memory.
 
     The shared :class:`~ember_train.data.sampler.ShardedBatchSampler` keeps a shuffled list of
     every index, which is fine for a file of examples but not for ``n²`` generated pairs. This

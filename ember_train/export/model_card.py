@@ -9,13 +9,14 @@ Scores are copied from :class:`EvalResult` unchanged (MTEB ×100 convention).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ember_train.evaluation.base import EvalResult
+if TYPE_CHECKING:  # results are read by attribute; export does not import evaluation
+    from ember_train.evaluation.base import EvalResult
 
 # Hub dataset ids MTEB uses for tasks we reproduce offline, so the card links the real data.
 MTEB_DATASET_IDS = {
@@ -142,9 +143,13 @@ def _usage(model_name: str, pooling: str, normalize: bool, max_len: int, q_prefi
 
 def results_table(results: Sequence[EvalResult]) -> str:
     """Markdown table: task type, dataset, split, main metric, score (2 decimals, as MTEB shows)."""
+    return _table((r.task_type, r.dataset, r.split, r.main_metric, r.main_score) for r in results)
+
+
+def _table(rows: Iterable[tuple[str, str, str, str, float]]) -> str:
     lines = ["| Task | Dataset | Split | Metric | Score |", "|---|---|---|---|---:|"]
-    for r in results:
-        lines.append(f"| {r.task_type} | {r.dataset} | {r.split} | {r.main_metric} | {r.main_score:.2f} |")
+    for task_type, dataset, split, metric, score in rows:
+        lines.append(f"| {task_type} | {dataset} | {split} | {metric} | {score:.2f} |")
     return "\n".join(lines)
 
 
@@ -272,7 +277,7 @@ def update_model_card(card: str, *, model_name: str, results: Sequence[EvalResul
     section = (
         "## Evaluation\n\n"
         "Scores follow the MTEB convention (×100), measured on the splits listed with "
-        "ember-train's evaluators on this checkpoint.\n\n" + results_table(_results_from_index(merged)) + "\n"
+        "ember-train's evaluators on this checkpoint.\n\n" + _table(_rows_from_index(merged)) + "\n"
     )
     start = body.find("## Evaluation")
     if start >= 0:
@@ -288,8 +293,8 @@ def update_model_card(card: str, *, model_name: str, results: Sequence[EvalResul
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip() + "\n---\n\n" + body
 
 
-def _results_from_index(entries: Sequence[dict[str, Any]]) -> list[EvalResult]:
-    """Rebuild EvalResults (main score only) from model-index entries, for the table."""
+def _rows_from_index(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, str, float]]:
+    """Table rows (main score only) from model-index entries."""
     out = []
     for e in entries:
         metrics = {m["type"]: float(m["value"]) for m in e.get("metrics", [])}
@@ -300,13 +305,12 @@ def _results_from_index(entries: Sequence[dict[str, Any]]) -> list[EvalResult]:
             (k for k, v in metrics.items() if k != "main_score" and v == metrics["main_score"]), "main_score"
         )
         out.append(
-            EvalResult(
-                task_type=e.get("task", {}).get("type", ""),
-                dataset=d.get("name", ""),
-                split=d.get("split", ""),
-                metrics=metrics,
-                main_metric=main,
-                config=d.get("config", "default"),
+            (
+                e.get("task", {}).get("type", ""),
+                d.get("name", ""),
+                d.get("split", ""),
+                main,
+                metrics["main_score"],
             )
         )
     return out

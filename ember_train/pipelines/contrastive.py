@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.packing import describe_batches, use_packing
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
-from ember_train.export import export_encoder
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder, restore_order
+from ember_train.models.packing import describe_batches, use_packing
+from ember_train.models.sentence_transformers import export_encoder
 from ember_train.training.checkpoint import load_model_weights
 from ember_train.training.distributed import map_sharded
 from ember_train.training.grad_cache import StepContext, grad_cache_step

@@ -35,16 +35,16 @@ from ember_train.data.text_corpus import (
     KeyedBatches,
     KeyedTexts,
     StreamingBatches,
-    filter_and_pack,
+    filter_and_join,
     iter_texts,
     token_lengths,
 )
-from ember_train.encoder.encoder import resolve_model_path
-from ember_train.encoder.retromae import DECODER_WEIGHTS, RetroMAEModel
-from ember_train.export import export_encoder
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.retromae import RetroMAELoss
+from ember_train.models.encoder import resolve_model_path
+from ember_train.models.retromae import DECODER_WEIGHTS, RetroMAEModel
+from ember_train.models.sentence_transformers import export_encoder
 from ember_train.training.loop import build_accelerator, train_loop
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class TextDataConfig:
     streaming: bool = False  # read lazily, pass after pass (needs train.max_steps > 0); for corpora > memory
     shuffle_buffer: int = 10_000  # streaming: texts held for shuffling
     min_tokens: int = 8  # shorter texts are skipped and counted
-    pack: bool = False  # join consecutive short texts up to max_seq_length
-    pack_separator: str = " "
+    join_texts: bool = False  # join consecutive short texts up to max_seq_length (was `pack`)
+    join_separator: str = " "  # (was `pack_separator`)
     group_by_length: bool = (
         True  # in memory: batches of similar length (less padding), random at bucket level
     )
@@ -150,7 +150,7 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
 def corpus_stream(
     source: str, model: RetroMAEModel, data: TextDataConfig, stats: CorpusStats
 ) -> Iterator[tuple[str, int]]:
-    """Filtered (and packed) ``(text, tokens)`` of ``source``, read lazily."""
+    """Filtered (and joined) ``(text, tokens)`` of ``source``, read lazily."""
     tokenizer = model.tokenizer
     budget = model.encoder.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
     texts = iter_texts(
@@ -161,12 +161,12 @@ def corpus_stream(
         stats=stats,
         streaming=data.streaming,
     )
-    return filter_and_pack(
+    return filter_and_join(
         texts,
         token_lengths(tokenizer),
         min_tokens=data.min_tokens,
-        pack_to=budget if data.pack else None,
-        separator=data.pack_separator,
+        join_to=budget if data.join_texts else None,
+        separator=data.join_separator,
         stats=stats,
     )
 
@@ -274,7 +274,7 @@ def build_evaluator(
     if cfg.eval.data is None:
         return None
     eval_data = TextDataConfig(
-        train=cfg.eval.data, text_field=cfg.eval.text_field, min_tokens=cfg.data.min_tokens, pack=False
+        train=cfg.eval.data, text_field=cfg.eval.text_field, min_tokens=cfg.data.min_tokens, join_texts=False
     )
     stats = CorpusStats()
     texts = [t for t, _ in islice(corpus_stream(cfg.eval.data, model, eval_data, stats), cfg.eval.max_texts)]

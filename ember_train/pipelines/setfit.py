@@ -38,16 +38,16 @@ from ember_train.data.labelled import (
 from ember_train.data.pairs import token_counts
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
-from ember_train.encoder.packing import describe_batches, use_packing
+from ember_train.data.setfit_pairs import LabelPairs, PairBatchSampler
 from ember_train.evaluation.base import EvalResult, percent
 from ember_train.evaluation.sts import STSEvaluator
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
 from ember_train.losses.cosine import build_pair_loss
-from ember_train.setfit_model import SetFitStyleModel
+from ember_train.models import Encoder, restore_order
+from ember_train.models.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
+from ember_train.models.packing import describe_batches, use_packing
+from ember_train.models.setfit import SetFitStyleModel
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_model_weights, save_checkpoint
 from ember_train.training.grad_cache import StepContext, grad_cache_step
@@ -166,14 +166,14 @@ class TargetPairCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        chunks, order = self.encoder.tokenize_sorted(
+        slices, order = self.encoder.tokenize_sorted(
             texts, None, self.cut_multiple_of, self.pack, self.padded_slices
         )
         return {
-            "chunks": chunks,
+            "slices": slices,
             "order": order,
             "label": torch.tensor([float(it["label"]) for it in items]),
-            "token_counts": token_counts(*chunks),  # on the host, before the batch moves to a GPU
+            "token_counts": token_counts(*slices),  # on the host, before the batch moves to a GPU
         }
 
 
@@ -198,7 +198,7 @@ def build_pair_dataset(
     parts: list[Dataset] = []
     counts: dict[str, int] = {}
     if train is not None:
-        pairs = ContrastivePairs(
+        pairs = LabelPairs(
             train.texts,
             train.labels,
             strategy=cfg.pairs.strategy,
@@ -238,7 +238,7 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
         return {"samples": float(batch["label"].shape[0]), **batch["token_counts"]}
 
     def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        sorted_embeddings = [model(chunk, output="embedding") for chunk in batch["chunks"]]
+        sorted_embeddings = [model(s, output="embedding") for s in batch["slices"]]
         return loss_from_embeddings(sorted_embeddings, batch), counts(batch)
 
     def cached_loss_step(
@@ -246,7 +246,7 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
     ) -> tuple[torch.Tensor, dict[str, float]]:
         loss = grad_cache_step(
             model,
-            batch["chunks"],
+            batch["slices"],
             lambda embeddings: loss_from_embeddings(embeddings, batch),
             ctx,
             grad_cache_chunk_size,
@@ -368,7 +368,7 @@ def _head_card_section(
     if head is not None:
         lines += [
             "```python",
-            "from ember_train.setfit_model import SetFitStyleModel",
+            "from ember_train.models.setfit import SetFitStyleModel",
             "",
             'model = SetFitStyleModel.from_pretrained("path/to/this/model")',
             'model.predict(["a text to classify"])',

@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
-from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-from ember_train.encoder.packing import HOST_KEYS
+from ember_train.models.packing import HOST_KEYS
+from ember_train.speedups.dropout import use_fast_cpu_dropout
+from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
-from ember_train.training.embedding_grad import EmbeddingGradBuffer
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning
-from ember_train.training.logging import MetricsLogger
+from ember_train.training.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 

@@ -24,16 +24,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ember_train.encoder.fast_dropout import use_ember_attention
-from ember_train.encoder.packing import (
+from ember_train.models.attention import use_ember_attention
+from ember_train.models.packing import (
     ATTENTION_GROUPS,
     PackedLayout,
     is_packed,
     pack_token_ids,
     position_offset,
 )
-from ember_train.encoder.pooling import POOLING_MODES, pool
-from ember_train.encoder.st_settings import read_sentence_transformers_settings
+from ember_train.models.pooling import POOLING_MODES, pool
+from ember_train.models.sentence_transformers import read_sentence_transformers_settings
 
 TextKind = Literal["query", "document"]
 
@@ -208,7 +208,7 @@ class Encoder(nn.Module):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         self.backbone = backbone
-        use_ember_attention(backbone)  # SDPA, plus packed batches and CPU dropout in training
+        use_ember_attention(backbone)  # SDPA, plus per-text attention for packed batches
         # The backbone's own pooler (BERT's tanh layer on [CLS]) is never used: freeze it, so it
         # is still exported but DDP does not wait for gradients that never come.
         pooler = getattr(backbone, "pooler", None)
@@ -300,10 +300,10 @@ class Encoder(nn.Module):
         self,
         texts: Sequence[str],
         kind: TextKind | None = None,
-        num_chunks: int = 2,
+        num_slices: int = 2,
         cut_multiple_of: int = 1,
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """Sort by token length and pad each of ``num_chunks`` slices to its own longest text.
+        """Sort by token length and pad each of ``num_slices`` slices to its own longest text.
 
         Returns the slices and ``order``: the rows of the slices, concatenated, are
         ``texts[order]``. A batch mixing short and long texts pads far less this way; the slices
@@ -314,16 +314,16 @@ class Encoder(nn.Module):
         """
         features = self.tokenize(texts, kind)
         lengths = features["attention_mask"].sum(dim=1)
-        order, cuts = sort_and_cut(lengths, num_chunks, cut_multiple_of)
+        order, cuts = sort_and_cut(lengths, num_slices, cut_multiple_of)
         left = self.tokenizer.padding_side == "left"
-        chunks, start = [], 0
+        slices, start = [], 0
         for end in cuts:
             rows = order[start:end]
             width = int(lengths[rows].max())
             columns = slice(-width, None) if left else slice(0, width)
-            chunks.append({k: v[rows][:, columns] for k, v in features.items()})
+            slices.append({k: v[rows][:, columns] for k, v in features.items()})
             start = end
-        return chunks, order
+        return slices, order
 
     def tokenize_packed(
         self,
@@ -359,12 +359,12 @@ class Encoder(nn.Module):
         padding-free row (:meth:`tokenize_packed`); either way ``restore_order`` puts the
         embeddings back in text order. ``cut_multiple_of`` applies to the slices only: the gradient
         cache splits a packed row by texts and cuts its attention groups at the chunk boundaries
-        (:func:`~ember_train.encoder.packing.split_batch`), so the groups need no constraint.
+        (:func:`~ember_train.models.packing.split_batch`), so the groups need no constraint.
         """
         if pack:
             features, order = self.tokenize_packed(texts, kind)
             return [features], order
-        return self.tokenize_by_length(texts, kind, num_chunks=num_slices, cut_multiple_of=cut_multiple_of)
+        return self.tokenize_by_length(texts, kind, num_slices=num_slices, cut_multiple_of=cut_multiple_of)
 
     def token_lengths(
         self, texts: Sequence[str], kind: TextKind | None = None, chunk_size: int = 4096

@@ -11,7 +11,7 @@ padded slices per side, 1.11x with length grouping (``docs/benchmarks.md``).
 Packed features are a dict with ``input_ids`` ``[1, T]`` (texts sorted by length, concatenated),
 ``sequence_lengths`` ``[n]`` and ``group_sizes`` ``[g]``: attention groups of consecutive texts,
 each padded to its longest text inside attention (cut where that padding is least).
-:meth:`Encoder.forward <ember_train.encoder.Encoder.forward>` recognises them by
+:meth:`Encoder.forward <ember_train.models.Encoder.forward>` recognises them by
 ``sequence_lengths``; a model takes them only if :func:`packing_supported` found it gives the
 padded vectors.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ember_train.encoder.encoder import Encoder
+    from ember_train.models.encoder import Encoder
 
 PACKED_KEY = "sequence_lengths"
 # The layout's inputs: small, read on the host to build the layout, so the training loop leaves
@@ -159,7 +159,7 @@ class PackedLayout:
         return torch.cat(outputs).unsqueeze(0)
 
     def pool(self, token_embeddings: torch.Tensor, mode: str) -> torch.Tensor:
-        """:func:`~ember_train.encoder.pooling.pool` for packed ``[T, D]`` token embeddings."""
+        """:func:`~ember_train.models.pooling.pool` for packed ``[T, D]`` token embeddings."""
         n, dim = self.lengths.shape[0], token_embeddings.shape[-1]
         zeros = token_embeddings.new_zeros(n, dim)
         if mode == "mean":
