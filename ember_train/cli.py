@@ -56,9 +56,6 @@ def export_command(args: argparse.Namespace) -> int:
 
     pipeline = get_pipeline(data.get("task", ""), source=str(config_path))
     cfg = from_dict(pipeline.config_class, data, source=str(config_path))
-    module = sys.modules[pipeline.run.__module__]
-    if not hasattr(module, "export_checkpoint"):
-        raise ConfigError(f"pipeline {cfg.task!r} cannot export checkpoints")
     if args.hub_repo_id:  # the config's own export.hub_repo_id is for its training run, not this command
         from ember_train.export.hub import check_hub_access
 
@@ -70,7 +67,7 @@ def export_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--hub-repo-id: {e}") from None
         check_hub_access(args.hub_repo_id)
-    out = module.export_checkpoint(cfg, checkpoint, Path(args.output))
+    out = pipeline.export_checkpoint(cfg, checkpoint, Path(args.output))
     print(f"exported {checkpoint} to {out}")
     if args.hub_repo_id:
         from ember_train.export.hub import push_export

@@ -46,9 +46,10 @@ sys.path.insert(0, str(REPO))
 
 from ember_train.config import apply_overrides, from_dict, to_dict  # noqa: E402
 from ember_train.data.labelled import LabelledTexts, sample_per_label  # noqa: E402
+from ember_train.evaluation.classification import classification_scores  # noqa: E402
 from ember_train.models import Encoder  # noqa: E402
 from ember_train.models.heads import fit_logistic_regression  # noqa: E402
-from ember_train.pipelines.setfit import SetFitConfig, classification_scores  # noqa: E402
+from ember_train.pipelines.setfit import SetFitConfig  # noqa: E402
 from ember_train.pipelines.setfit import run as run_setfit_pipeline  # noqa: E402
 
 

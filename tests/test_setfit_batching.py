@@ -7,11 +7,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from ember_train.data.setfit_pairs import TargetPairCollator
 from ember_train.losses.cosine import CosineMSELoss
 from ember_train.models import Encoder
 from ember_train.models.heads import LinearHead
 from ember_train.models.setfit import SetFitStyleModel
-from ember_train.pipelines.setfit import TargetPairCollator, make_pair_loss_step
+from ember_train.pipelines.setfit import make_pair_loss_step
 from ember_train.training.grad_cache import StepContext
 
 SHORT = ["refund", "card lost", "atm fee", "pin"]

@@ -34,7 +34,11 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
+
+from ember_train.data.pairs import token_counts
+from ember_train.models.encoder import Encoder
 
 STRATEGIES = ("oversampling", "undersampling", "unique")
 _MASK64 = (1 << 64) - 1
@@ -445,3 +449,32 @@ class PairBatchSampler:
             batch = self.global_batch(b)
             n = len(batch)
             yield batch[self.rank * n // w : (self.rank + 1) * n // w]
+
+
+class TargetPairCollator:
+    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices (or one packed row) + targets.
+
+    Both sides of every pair are tokenized together and sorted by length into the slices, so each
+    slice pads to the longest of similar texts: never more padding than one slice per side, and
+    much less when lengths vary (Banking77).
+    """
+
+    def __init__(
+        self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False, padded_slices: int = 2
+    ) -> None:
+        self.encoder = encoder
+        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
+        self.pack = pack  # one padding-free row instead of padded slices
+        self.padded_slices = padded_slices
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [it["text1"] for it in items] + [it["text2"] for it in items]
+        slices, order = self.encoder.tokenize_sorted(
+            texts, None, self.cut_multiple_of, self.pack, self.padded_slices
+        )
+        return {
+            "slices": slices,
+            "order": order,
+            "label": torch.tensor([float(it["label"]) for it in items]),
+            "token_counts": token_counts(*slices),  # on the host, before the batch moves to a GPU
+        }

@@ -314,3 +314,41 @@ def _rows_from_index(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str, 
             )
         )
     return out
+
+
+def classification_card_section(
+    head: Any, before: EvalResult | None, after: EvalResult | None, tuning: str
+) -> str:
+    """The SetFit-style part of a card: how the body was tuned (``tuning``), the head (a
+    ``LinearHead`` or None), accuracy/macro-F1 before and after, and how to predict."""
+    lines = ["## SetFit-style classification", ""]
+    if head is not None:
+        kind = "logistic regression (scikit-learn)" if head.kind == "logistic_regression" else "linear layer"
+        lines += [
+            f"The body was tuned on {tuning}; "
+            f"a {kind} head over {len(head.labels)} labels"
+            f"{' (multi-label)' if head.multi_label else ''} is stored in `head/`.",
+            "",
+        ]
+    if after is not None:
+        lines += ["| Model | Accuracy | Macro-F1 |", "|---|---:|---:|"]
+        if before is not None:
+            lines.append(
+                f"| before tuning (frozen body + head) | {before.metrics['accuracy']:.2f} | {before.metrics['f1']:.2f} |"
+            )
+        lines += [f"| after tuning | {after.metrics['accuracy']:.2f} | {after.metrics['f1']:.2f} |", ""]
+        lines += [f"Test set: `{after.dataset}`, {after.extra.get('num_test')} texts.", ""]
+    if head is not None:
+        lines += [
+            "```python",
+            "from ember_train.models.setfit import SetFitStyleModel",
+            "",
+            'model = SetFitStyleModel.from_pretrained("path/to/this/model")',
+            'model.predict(["a text to classify"])',
+            'model.predict_proba(["a text to classify"])',
+            "```",
+            "",
+            "or `ember-train predict path/to/this/model --text 'a text to classify' --proba`.",
+            "",
+        ]
+    return "\n".join(lines)

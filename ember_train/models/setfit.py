@@ -77,6 +77,13 @@ class SetFitStyleModel(nn.Module):
             self.encode(texts, batch_size=batch_size).to(head.linear.weight.device), threshold
         )
 
+    def load_head_weights(self, head: LinearHead) -> None:
+        """Copy ``head``'s weights into this model's head in place (an optimizer and DDP keep their references)."""
+        with torch.no_grad():
+            self.head.linear.weight.copy_(head.linear.weight)
+            self.head.linear.bias.copy_(head.linear.bias)
+        self.head.kind = head.kind
+
     def save_pretrained(self, directory: str | Path, *, model_card: str | None = None) -> Path:
         """Write the body through the shared export and the head into ``<directory>/head``."""
         from ember_train.models.sentence_transformers import export_encoder

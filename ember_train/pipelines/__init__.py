@@ -3,34 +3,26 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ember_train.config.parse import ConfigError, apply_overrides, from_dict, read_yaml
 
-# task name -> (module, config class name). Modules are imported lazily so that one broken
-# optional dependency does not stop the other pipelines.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "contrastive": ("ember_train.pipelines.contrastive", "ContrastiveConfig"),
-    "retromae": ("ember_train.pipelines.retromae", "RetroMAEConfig"),
-    "setfit": ("ember_train.pipelines.setfit", "SetFitConfig"),
+if TYPE_CHECKING:
+    from ember_train.pipelines.recipe import Pipeline
+
+# task name -> the recipe module, whose ``PIPELINE`` is its record (:class:`~.recipe.Pipeline`).
+# Modules are imported lazily so that one broken optional dependency does not stop the others.
+_REGISTRY: dict[str, str] = {
+    "contrastive": "ember_train.pipelines.contrastive",
+    "retromae": "ember_train.pipelines.retromae",
+    "setfit": "ember_train.pipelines.setfit",
 }
-
-
-@dataclass
-class Pipeline:
-    name: str
-    config_class: type
-    run: Callable[[Any], dict]
 
 
 def get_pipeline(task: str, source: str = "<config>") -> Pipeline:
     if task not in _REGISTRY:
         raise ConfigError(f"{source}: task {task!r} is not a pipeline; choose one of {sorted(_REGISTRY)}")
-    module_name, class_name = _REGISTRY[task]
-    module = importlib.import_module(module_name)
-    return Pipeline(task, getattr(module, class_name), module.run)
+    return importlib.import_module(_REGISTRY[task]).PIPELINE
 
 
 def load_config(path: str, overrides: list[str] | None = None):

@@ -45,10 +45,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_accelerator(
-    cfg: TrainConfig, output_dir: str | Path, seed: int, run_config: dict | None = None
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    seed: int | None,
+    run_config: dict | None = None,
+    trackers: bool = True,
 ) -> Accelerator:
-    """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``."""
-    log_with = ["wandb"] if "wandb" in cfg.report_to else None
+    """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``.
+
+    A later training phase of the same run (SetFit's end-to-end tuning) passes ``seed=None`` (the
+    RNG stream goes on) and ``trackers=False`` (the run's trackers are already open).
+    """
+    log_with = ["wandb"] if "wandb" in cfg.report_to and trackers else None
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
@@ -68,7 +76,8 @@ def build_accelerator(
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
         accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
     # One seed on every process: identical initialisation of any new weights (heads, decoders).
-    set_seed(seed)
+    if seed is not None:
+        set_seed(seed)
     return accelerator
 
 
