@@ -41,8 +41,8 @@ def main() -> None:
     import torch
     from torch import nn
 
+    from ember_train.data.batching import padding_optimal_cuts
     from ember_train.models.attention import ember_attention
-    from ember_train.models.encoder import padding_optimal_cuts
     from ember_train.models.packing import PACKED_KEY, PackedLayout
     from ember_train.speedups.dropout import FastCPUDropout
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ember_train.data.pairs import token_counts
+from ember_train.data.batching import token_counts
 
 WordScheme = Literal["wordpiece", "bpe", "sentencepiece", "none"]
 

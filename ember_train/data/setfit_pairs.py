@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ember_train.data.pairs import token_counts
+from ember_train.data.batching import PADDED, BatchLayout, token_counts
 from ember_train.models.encoder import Encoder
 
 STRATEGIES = ("oversampling", "undersampling", "unique")
@@ -459,19 +459,13 @@ class TargetPairCollator:
     much less when lengths vary (Banking77).
     """
 
-    def __init__(
-        self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False, padded_slices: int = 2
-    ) -> None:
+    def __init__(self, encoder: Encoder, layout: BatchLayout = PADDED) -> None:
         self.encoder = encoder
-        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
-        self.pack = pack  # one padding-free row instead of padded slices
-        self.padded_slices = padded_slices
+        self.layout = layout
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        slices, order = self.encoder.tokenize_sorted(
-            texts, None, self.cut_multiple_of, self.pack, self.padded_slices
-        )
+        slices, order = self.layout.tokenize(self.encoder, texts, None)
         return {
             "slices": slices,
             "order": order,

@@ -18,14 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ember_train.config import ExportConfig, ModelConfig, TrainConfig
+from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
 from ember_train.losses.infonce import InfoNCELoss
-from ember_train.models import Encoder, restore_order
-from ember_train.models.packing import describe_batches, use_packing
+from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
 from ember_train.training.checkpoint import load_model_weights
@@ -182,14 +182,8 @@ def make_dataloader(
         dedup_keys=[(e.query, e.positive) for e in examples],
         lengths=lengths,
     )
-    collate = PairCollator(
-        encoder,
-        num_negatives=cfg.loss.num_negatives,
-        seed=cfg.seed,
-        cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
-        pack=pack,
-        padded_slices=cfg.train.padded_slices,
-    )
+    layout = BatchLayout.from_config(cfg.train, pack)
+    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed, layout=layout)
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 
@@ -209,10 +203,10 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         limit=cfg.data.max_examples,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
-    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
+    layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
+    accelerator.print(f"batches: {layout.describe()}")
     dataloader = make_dataloader(
-        examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=pack
+        examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=layout.pack
     )
     evaluators = build_evaluators(cfg.eval)
 

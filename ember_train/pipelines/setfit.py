@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig, save_config
+from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.labelled import (
     LabelledTexts,
     ScoredPairDataset,
@@ -43,9 +44,8 @@ from ember_train.evaluation.classification import evaluate_classifier
 from ember_train.evaluation.sts import STSEvaluator
 from ember_train.export.model_card import classification_card_section
 from ember_train.losses.cosine import build_pair_loss
-from ember_train.models import Encoder, restore_order
+from ember_train.models import Encoder
 from ember_train.models.heads import HEAD_DIR, LinearHead, fit_head
-from ember_train.models.packing import describe_batches, use_packing
 from ember_train.models.setfit import SetFitStyleModel
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
 from ember_train.training import zero
@@ -294,18 +294,13 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     # Body tuning on generated (and/or scored) pairs, through the shared loop.
     dataset, counts = build_pair_dataset(train, data.scored, cfg)
     accelerator.print(f"pairs: {counts}")
-    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
+    layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
+    accelerator.print(f"batches: {layout.describe()}")
     sampler = PairBatchSampler(
         len(dataset), cfg.train.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
     )  # fmt: skip
-    collate = TargetPairCollator(
-        encoder,
-        cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
-        pack=pack,
-        padded_slices=cfg.train.padded_slices,
-    )
+    collate = TargetPairCollator(encoder, layout)
     dataloader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers
     )

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ember_train.models.packing import split_batch
+from ember_train.data.batching import split_batch
 from ember_train.training.distributed import global_count
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
-from ember_train.models.packing import HOST_KEYS
+from ember_train.data.batching import HOST_KEYS
 from ember_train.speedups.dropout import use_fast_cpu_dropout
 from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
 from ember_train.training import zero
