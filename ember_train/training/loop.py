@@ -25,8 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
 from ember_train.data.batching import HOST_KEYS
-from ember_train.speedups.dropout import use_fast_cpu_dropout
-from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
+from ember_train.speedups import apply_speedups
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from ember_train.training.distributed import cpu_process_group_kwargs
@@ -138,8 +137,6 @@ def train_loop(
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
-    if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
-        use_fast_cpu_dropout(model)
     optimizer = build_optimizer(model, cfg)
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
@@ -149,9 +146,10 @@ def train_loop(
     # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
     # the prepared optimizer, inside the wrapper accelerate registered for checkpoints.
     scheduler.scheduler = schedule(optimizer)
-    embedding_grad = None
-    if cfg.fast_cpu_embedding_grad and accelerator.device.type == "cpu" and not zero.active(accelerator):
-        embedding_grad = EmbeddingGradBuffer.for_model(accelerator.unwrap_model(model))
+    # After prepare: DDP decides at wrapping time whether a gradient is sparse (speedups/embedding_grad.py).
+    speedups = apply_speedups(
+        accelerator.unwrap_model(model), cfg, accelerator.device, zero.active(accelerator)
+    )
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
@@ -180,8 +178,7 @@ def train_loop(
     micro_batches: list[tuple[torch.Tensor, dict[str, Any]]] = []
     start_time = time.perf_counter()
     model.train()
-    if embedding_grad is not None:
-        embedding_grad.attach()
+    speedups.start_step()
 
     while state.step < total_steps:
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
@@ -256,8 +253,7 @@ def train_loop(
                     state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
-            if embedding_grad is not None:
-                embedding_grad.attach()
+            speedups.start_step()
             state.step += 1
             progress.update(1)
 
@@ -287,8 +283,7 @@ def train_loop(
         break
 
     progress.close()
-    if embedding_grad is not None:
-        embedding_grad.release()
+    speedups.release()
     if save_final_checkpoint:
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     if zero.active(accelerator):
