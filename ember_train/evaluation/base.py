@@ -14,8 +14,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-TASK_TYPES = ("STS", "Classification", "Reranking", "Retrieval", "Clustering", "PairClassification")
-
 
 @runtime_checkable
 class SupportsEncode(Protocol):
