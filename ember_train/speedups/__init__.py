@@ -21,31 +21,35 @@ if TYPE_CHECKING:
 
 class Speedups:
     """The per-step part of the speedups a run switched on: :meth:`start_step` before each optimizer
-    step's first backward (after the gradients were cleared), :meth:`release` after training."""
+    step's first backward (after the gradients were cleared), :meth:`release` after training.
 
-    def __init__(self, buffers: list[EmbeddingGradBuffer]) -> None:
-        self.buffers = buffers
+    The embedding-gradient buffer is made at the first :meth:`start_step`, after
+    ``accelerator.prepare``: DDP decides at wrapping time whether a gradient is sparse.
+    """
+
+    def __init__(self, model: nn.Module, embedding_grad: bool) -> None:
+        self.model = model
+        self.embedding_grad = embedding_grad
+        self.buffer: EmbeddingGradBuffer | None = None
 
     def start_step(self) -> None:
-        for buffer in self.buffers:
-            buffer.attach()
+        if self.embedding_grad and self.buffer is None:
+            self.buffer = EmbeddingGradBuffer.for_model(self.model)
+            self.embedding_grad = self.buffer is not None
+        if self.buffer is not None:
+            self.buffer.attach()
 
     def release(self) -> None:
-        for buffer in self.buffers:
-            buffer.release()
+        if self.buffer is not None:
+            self.buffer.release()
 
 
 def apply_speedups(model: nn.Module, cfg: TrainConfig, device: torch.device, deepspeed: bool) -> Speedups:
-    """Switch on the speedups ``cfg`` asks for on ``model`` (the unwrapped one, after ``prepare``).
+    """Switch on the speedups ``cfg`` asks for on ``model`` (before ``accelerator.prepare``).
 
     Only on CPU; the embedding-gradient buffer not under DeepSpeed (its engine owns the gradients).
     """
     cpu = device.type == "cpu"
     if cfg.fast_cpu_dropout and cpu:
         use_fast_cpu_dropout(model)
-    buffer = (
-        EmbeddingGradBuffer.for_model(model)
-        if cfg.fast_cpu_embedding_grad and cpu and not deepspeed
-        else None
-    )
-    return Speedups([buffer] if buffer is not None else [])
+    return Speedups(model, embedding_grad=cfg.fast_cpu_embedding_grad and cpu and not deepspeed)

@@ -137,6 +137,7 @@ def train_loop(
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
+    speedups = apply_speedups(model, cfg, accelerator.device, zero.active(accelerator))
     optimizer = build_optimizer(model, cfg)
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
@@ -146,10 +147,6 @@ def train_loop(
     # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
     # the prepared optimizer, inside the wrapper accelerate registered for checkpoints.
     scheduler.scheduler = schedule(optimizer)
-    # After prepare: DDP decides at wrapping time whether a gradient is sparse (speedups/embedding_grad.py).
-    speedups = apply_speedups(
-        accelerator.unwrap_model(model), cfg, accelerator.device, zero.active(accelerator)
-    )
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
