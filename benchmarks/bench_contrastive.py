@@ -86,8 +86,7 @@ def bench_ember(
     (:func:`peaks_between_steps`). ``launch="accelerate"`` runs the command a user types,
     ``accelerate launch train.py`` (no thread flag, the launch config scripts/setup.sh writes);
     ``launch="accelerate-threads"`` adds ``--num_cpu_threads_per_process`` = the physical cores."""
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     LAST_EMBER_STATS.clear()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +151,7 @@ def peaks_between_steps(peaks: list[float]) -> Iterator[None]:
     """
     import torch
 
-    from ember_train.training.logging import MetricsLogger
+    from ember_train.training.metrics_log import MetricsLogger
 
     original = MetricsLogger.flush
 

@@ -62,11 +62,12 @@ def main() -> None:
 
     import torch
 
-    from ember_train.encoder import Encoder, dropout_kernel
-    from ember_train.encoder.fast_dropout import fast_dropout, use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
+    from ember_train.models import Encoder
     from ember_train.pipelines.contrastive import make_loss_step
-    from ember_train.training.embedding_grad import EmbeddingGradBuffer
+    from ember_train.speedups import dropout_kernel
+    from ember_train.speedups.dropout import fast_dropout, use_fast_cpu_dropout
+    from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
     from ember_train.training.loop import build_optimizer
 
     x = torch.randn(32, 12, 128, 128)

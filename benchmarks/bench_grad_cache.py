@@ -27,8 +27,7 @@ from benchmarks.common import DEBIAN_TRAIN, MODEL, REPO, read_jsonl, write_jsonl
 
 def child(args: argparse.Namespace) -> None:
     """Train and print peak RSS (MiB) and seconds per step, as JSON."""
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     out = Path(args.out)
     cfg_path = out / "bench.yaml"

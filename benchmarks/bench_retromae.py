@@ -118,7 +118,7 @@ def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: 
 def mask_memory(batch_size: int = 32, seq_len: int = 512) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from ember_train.encoder.retromae import decoder_attention_mask, mask_memory_bytes
+    from ember_train.models.retromae import decoder_attention_mask, mask_memory_bytes
 
     attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
     # Words of 1-3 tokens, as in English WordPiece text.
@@ -170,8 +170,8 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-    from ember_train.encoder.retromae import RetroMAEModel
+    from ember_train.models.retromae import RetroMAEModel
+    from ember_train.speedups.dropout import use_fast_cpu_dropout
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

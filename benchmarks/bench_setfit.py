@@ -44,9 +44,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the per-
 from benchmarks.common import markdown_table, packaged_minilm_dir, read_jsonl, write_jsonl
 from ember_train.config import apply_overrides, from_dict, to_dict
 from ember_train.data.labelled import LabelledTexts, sample_per_label
-from ember_train.encoder import Encoder
-from ember_train.encoder.heads import fit_logistic_regression
-from ember_train.pipelines.setfit import SetFitConfig, classification_scores
+from ember_train.evaluation.classification import classification_scores
+from ember_train.models import Encoder
+from ember_train.models.heads import fit_logistic_regression
+from ember_train.pipelines.setfit import SetFitConfig
 from ember_train.pipelines.setfit import run as run_setfit_pipeline
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ DEBIAN_TRAIN = REPO.parent / "shared/data/debian-packages/train.jsonl.gz"  # the
 
 def resolve_model(name_or_path: str) -> str:
     """A local directory for ``name_or_path`` (``package:PKG/dir``, a Hub name or a directory)."""
-    from ember_train.encoder.encoder import resolve_model_path
+    from ember_train.models.encoder import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
@@ -121,9 +121,9 @@ def contrastive_batches(
     the collated batches of the length-grouped (or plain) sharded sampler, as ``train.py`` makes
     them on CPU: packed (padding-free) rows, or with ``pack=False`` two padded slices per side.
     """
-    from ember_train.config import load_config
     from ember_train.data.pairs import load_pairs
-    from ember_train.encoder import Encoder
+    from ember_train.models import Encoder
+    from ember_train.pipelines import load_config
     from ember_train.pipelines.contrastive import make_dataloader
 
     pairs_file = write_jsonl(

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import MODEL, REPO
-from ember_train.config import load_config
-from ember_train.pipelines import contrastive
+from ember_train.pipelines import contrastive, load_config
 from ember_train.training.host_reads import HostReadCounter
 
 

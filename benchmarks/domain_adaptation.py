@@ -55,7 +55,7 @@ def contrastive_config(model: str, train: Path, dev: Path, out: Path, args: argp
 
 
 def evaluate(model: str, dev: Path, pooling: str) -> float:
-    from ember_train.encoder import Encoder
+    from ember_train.models import Encoder
     from ember_train.pipelines.contrastive import EvalConfig, build_evaluators
 
     (evaluator,) = build_evaluators(EvalConfig(data=str(dev), batch_size=64))

@@ -96,10 +96,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
     from ember_train.losses.infonce import InfoNCELoss
     from ember_train.pipelines.contrastive import make_loss_step
-    from ember_train.training.embedding_grad import EmbeddingGradBuffer
+    from ember_train.speedups.dropout import use_fast_cpu_dropout
+    from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
     from ember_train.training.loop import build_optimizer
 
     if args.threads:

@@ -1,21 +1,30 @@
-"""``ember-train`` command line: train, export, eval, mine, predict.
+"""``ember-train`` command line: train, export, eval, mine, predict. Every command is here.
 
 ``train`` takes the config and ``section.key=value`` overrides, exactly like ``train.py``, so the
-config stays the whole experiment. Other subcommands register themselves from their packages.
+config stays the whole experiment.
+
+ember-train eval MODEL --tasks configs/eval/STS12.yaml,configs/eval/SciFact.yaml --data-root DIR
+ember-train eval MODEL --mteb STS12,SciFact            # the official mteb package (online)
+ember-train mine --model MODEL --pairs train.jsonl --output mined.jsonl --rank-window 10,100
+ember-train predict runs/setfit/final --text "my package does not install"
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from ember_train.config import ConfigError, from_dict, load_config, read_yaml
-from ember_train.data.reader import DataError
+from ember_train.config import ConfigError, from_dict, read_yaml
+from ember_train.data.reader import DataError, check_text, iter_records
+
+logger = logging.getLogger(__name__)
 
 # Messages of libraries that say nothing to a user of ember-train: what they report is expected
 # (tied MLM-head weights are saved once; a body without an MLM head gets a new one, which the
@@ -57,8 +66,9 @@ def _setup_logging() -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from ember_train.pipelines import get_pipeline, load_config
+
     cfg = load_config(args.config, args.overrides)
-    from ember_train.pipelines import get_pipeline
 
     pipeline = get_pipeline(cfg.task)
     command = "accelerate launch train.py " + " ".join(
@@ -77,9 +87,6 @@ def export_command(args: argparse.Namespace) -> int:
 
     pipeline = get_pipeline(data.get("task", ""), source=str(config_path))
     cfg = from_dict(pipeline.config_class, data, source=str(config_path))
-    module = sys.modules[pipeline.run.__module__]
-    if not hasattr(module, "export_checkpoint"):
-        raise ConfigError(f"pipeline {cfg.task!r} cannot export checkpoints")
     if args.hub_repo_id:  # the config's own export.hub_repo_id is for its training run, not this command
         from ember_train.export.hub import check_hub_access
 
@@ -91,13 +98,144 @@ def export_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--hub-repo-id: {e}") from None
         check_hub_access(args.hub_repo_id)
-    out = module.export_checkpoint(cfg, checkpoint, Path(args.output))
+    out = pipeline.export_checkpoint(cfg, checkpoint, Path(args.output))
     print(f"exported {checkpoint} to {out}")
     if args.hub_repo_id:
         from ember_train.export.hub import push_export
 
         command = "ember-train export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         print(f"uploaded {out} to {push_export(out, cfg.export, command)}")
+    return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _window(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,END (e.g. 10,100), got {value!r}") from None
+    return lo, hi
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from ember_train.evaluation.base import EvalResult
+    from ember_train.evaluation.loading import load_encoder
+    from ember_train.evaluation.tasks import load_tasks
+    from ember_train.export.model_card import render_model_card, results_table, update_model_card
+
+    if not args.tasks and not args.mteb:
+        raise DataError(
+            "ember-train eval", None, "give --tasks (descriptor files) and/or --mteb (task names)"
+        )
+    results: list[EvalResult] = []
+    if args.tasks:
+        evaluators = load_tasks(_csv(args.tasks), data_root=args.data_root, batch_size=args.batch_size)
+        encoder = load_encoder(args.model, max_seq_length=args.max_seq_length, device=args.device)
+        for evaluator in evaluators:
+            result = evaluator(encoder)
+            print(f"{result}", flush=True)
+            results.append(result)
+    if args.mteb:
+        from ember_train.evaluation.mteb_runner import MTEBTaskError, run_mteb
+
+        try:
+            results += run_mteb(args.model, _csv(args.mteb), batch_size=args.batch_size, device=args.device)
+        except (ImportError, MTEBTaskError) as e:
+            # A user error (missing optional package, misspelt task): one line, no traceback.
+            raise DataError("--mteb", None, str(e)) from None
+    print()
+    print(results_table(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(
+            json.dumps([r.to_dict() for r in results], indent=2) + "\n", encoding="utf-8"
+        )
+        print(f"results written to {args.output}")
+    if args.update_card:
+        readme = Path(args.model) / "README.md"
+        if not Path(args.model).is_dir():
+            raise DataError(str(args.model), None, "--update-card needs a local model directory")
+        name = Path(args.model).resolve().name
+        if readme.is_file():
+            card = update_model_card(readme.read_text(encoding="utf-8"), model_name=name, results=results)
+        else:
+            card = render_model_card(
+                model_name=name, base_model=str(args.model), results=results, training={}, command=None
+            )
+        readme.write_text(card, encoding="utf-8")
+        print(f"model card updated: {readme}")
+    return 0
+
+
+def mine_command(args: argparse.Namespace) -> int:
+    from ember_train.evaluation.loading import load_encoder
+    from ember_train.evaluation.mining import mine_hard_negatives, read_corpus, read_pair_rows, write_jsonl
+
+    rows, bad = read_pair_rows(
+        args.pairs, query=args.query_field, pos=args.pos_field, on_bad_rows=args.on_bad_rows
+    )
+    if bad.total:
+        logger.warning("%s: %s", args.pairs, bad.summary())
+    corpus = (
+        read_corpus(args.corpus, field=args.corpus_field, on_bad_rows=args.on_bad_rows)
+        if args.corpus
+        else None
+    )
+    encoder = load_encoder(args.model, device=args.device)
+    pairs = [{"query": r[args.query_field], "pos": r[args.pos_field]} for r in rows]
+    mined, stats = mine_hard_negatives(
+        encoder,
+        pairs,
+        corpus=corpus,
+        rank_window=args.rank_window,
+        margin=args.margin,
+        max_score_ratio=args.max_score_ratio or None,
+        num_negatives=args.num_negatives,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        use_faiss={"auto": None, "on": True, "off": False}[args.faiss],
+    )
+    out_rows = [{**row, args.neg_field: m["neg"]} for row, m in zip(rows, mined, strict=True)]
+    write_jsonl(out_rows, args.output)
+    print(f"{stats.summary()}; skipped input rows: {bad.total}")
+    print(f"wrote {len(out_rows)} rows to {args.output}")
+    return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    """Texts to classify: one per line (``.txt``/``-`` for stdin) or a ``text`` field (JSONL/CSV/...)."""
+    if path == "-":
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if path.endswith(".txt"):
+        return [
+            line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    return [
+        check_text(rec.get("text"), source=path, row=row, field="text") for row, rec in iter_records(path)
+    ]
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Print one JSON line per text: the text, its prediction and (``--proba``) the probabilities."""
+    from ember_train.models.setfit import SetFitStyleModel
+
+    model = SetFitStyleModel.from_pretrained(args.model).eval()
+    texts = list(args.text or []) + (_read_texts(args.input) if args.input else [])
+    if not texts:
+        raise SystemExit("ember-train predict: give texts with --text or --input")
+    predictions = model.predict(texts, batch_size=args.batch_size, threshold=args.threshold)
+    proba = model.predict_proba(texts, batch_size=args.batch_size) if args.proba else None
+    for i, (text, label) in enumerate(zip(texts, predictions, strict=True)):
+        record: dict[str, Any] = {"text": text, "label": label}
+        if proba is not None:
+            record["proba"] = {
+                str(name): round(float(p), 6) for name, p in zip(model.labels, proba[i], strict=True)
+            }
+        print(json.dumps(record, ensure_ascii=False))
     return 0
 
 
@@ -125,12 +263,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=export_command)
 
-    from ember_train.evaluation import commands as evaluation_commands
+    ev = sub.add_parser("eval", help="evaluate a model on task descriptors and/or MTEB tasks")
+    ev.add_argument("model", help="exported model directory, checkpoint dir or Hub name")
+    ev.add_argument("--tasks", help="comma-separated descriptor files (or folders of them)")
+    ev.add_argument("--data-root", help="fills ${EMBER_EVAL_ROOT} in descriptors")
+    ev.add_argument("--mteb", help="comma-separated MTEB task names, run with the mteb package")
+    ev.add_argument("--output", help="write results as JSON here")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-seq-length", type=int, help="override the model's own max length")
+    ev.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    ev.add_argument(
+        "--update-card", action="store_true", help="write the results into MODEL/README.md (model-index)"
+    )
+    ev.set_defaults(handler=eval_command)
 
-    evaluation_commands.register(sub)
-    from ember_train import setfit_model
+    mine = sub.add_parser("mine", help="mine hard negatives for a pair file")
+    mine.add_argument("--model", required=True)
+    mine.add_argument("--pairs", required=True, help="pair file (query, pos) as JSONL/CSV/Parquet")
+    mine.add_argument("--output", required=True, help="output JSONL with a `neg` list per row")
+    mine.add_argument("--corpus", help="file of documents to mine from (default: every distinct positive)")
+    mine.add_argument("--corpus-field", default="text", help="field holding the document text in --corpus")
+    mine.add_argument("--query-field", default="query")
+    mine.add_argument("--pos-field", default="pos")
+    mine.add_argument("--neg-field", default="neg")
+    mine.add_argument(
+        "--rank-window", type=_window, default=(10, 100), help="START,END: take ranks START+1..END"
+    )
+    mine.add_argument("--num-negatives", type=int, default=4)
+    mine.add_argument(
+        "--margin", type=float, default=0.0, help="drop candidates scoring >= pos_score - margin"
+    )
+    mine.add_argument(
+        "--max-score-ratio",
+        type=float,
+        default=0.95,
+        help="drop candidates >= ratio * pos_score (0 disables)",
+    )
+    mine.add_argument("--seed", type=int, default=0)
+    mine.add_argument("--batch-size", type=int, default=64)
+    mine.add_argument(
+        "--chunk-size", type=int, default=16_384, help="documents scored at once (memory bound)"
+    )
+    mine.add_argument("--faiss", choices=("auto", "on", "off"), default="auto")
+    mine.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
+    mine.add_argument("--device")
+    mine.set_defaults(handler=mine_command)
 
-    setfit_model.register(sub)
+    predict = sub.add_parser("predict", help="classify texts with an exported SetFit-style model")
+    predict.add_argument("model", help="directory written by the setfit pipeline (or save_pretrained)")
+    predict.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    predict.add_argument(
+        "--input", help="a .txt file (one text per line, - for stdin) or a JSONL/CSV file with 'text'"
+    )
+    predict.add_argument("--proba", action="store_true", help="also print every label's probability")
+    predict.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(handler=predict_command)
     return parser
 
 
@@ -152,8 +340,8 @@ def _report(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from ember_train.encoder.encoder import ModelNotFoundError, UnsafeWeightsError
     from ember_train.export.hub import HubUploadError
+    from ember_train.models.encoder import ModelNotFoundError, UnsafeWeightsError
     from ember_train.training.checkpoint import CheckpointError
     from ember_train.training.loop import NonFiniteLossError
 

@@ -110,8 +110,7 @@ def run_tiny_contrastive(tmp_path: Path, model: Path, name: str, *overrides: str
 
     from safetensors.torch import load_file
 
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(

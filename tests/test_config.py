@@ -2,8 +2,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ember_train.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml
+from ember_train.config import ConfigError, apply_overrides, from_dict, read_yaml
 from ember_train.config.schema import ModelConfig, TrainConfig
+from ember_train.pipelines import load_config
 
 
 @dataclass
@@ -90,6 +91,16 @@ def test_load_config_dispatches_on_task(tmp_path):
     bad = _write(tmp_path, "task: distillation\n")
     with pytest.raises(ConfigError, match="not a pipeline"):
         load_config(str(bad))
+
+
+def test_a_renamed_key_names_its_new_name(tmp_path):
+    path = _write(tmp_path, "task: retromae\nmodel: {name_or_path: m}\ndata: {train: t.txt, pack: true}\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: key 'data\.pack' was renamed to 'data\.join_texts'"):
+        load_config(str(path))
+    path = _write(tmp_path, "task: retromae\nmodel: {name_or_path: m}\ndata: {train: t.txt}\n")
+    with pytest.raises(ConfigError, match=r"'data\.pack_separator' was renamed to 'data\.join_separator'"):
+        load_config(str(path), ["data.pack_separator=x"])
+    assert load_config(str(path), ["data.join_texts=true"]).data.join_texts is True
 
 
 def test_yaml_python_tags_are_refused(tmp_path):

@@ -7,10 +7,16 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from ember_train.data.pairs import PairCollator, PairExample, token_counts
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.encoder import padding_optimal_cuts
+from ember_train.data.batching import (
+    BatchLayout,
+    padding_optimal_cuts,
+    restore_order,
+    token_counts,
+    tokenize_slices,
+)
+from ember_train.data.pairs import PairCollator, PairExample
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
 from ember_train.pipelines.contrastive import make_loss_step
 from ember_train.training.grad_cache import StepContext
 
@@ -31,7 +37,9 @@ def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, 
     same loss and gradients."""
     # float64: the test is about equal formulas, not about float32 summation order (AVX2 vs AVX-512 vs CUDA).
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).double().eval()  # no dropout
-    batch = PairCollator(encoder, num_negatives=num_negatives, pack=pack, padded_slices=slices)(EXAMPLES)
+    batch = PairCollator(
+        encoder, num_negatives=num_negatives, layout=BatchLayout(pack=pack, padded_slices=slices)
+    )(EXAMPLES)
     assert len(batch["query"]) == len(batch["documents"]) == (1 if pack else slices)
     loss_fn = InfoNCELoss(0.05)
 
@@ -102,7 +110,7 @@ def test_slices_are_cut_where_padding_is_least():
 def test_restore_order_undoes_the_length_sort(tiny_bert_path):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
     texts = [e.positive for e in EXAMPLES]
-    slices, order = encoder.tokenize_by_length(texts, num_chunks=3)
+    slices, order = tokenize_slices(encoder, texts, num_slices=3)
     rows = restore_order([s["attention_mask"].sum(dim=1, keepdim=True) for s in slices], order)
     assert rows.squeeze(1).tolist() == encoder.tokenize(texts)["attention_mask"].sum(dim=1).tolist()
 
@@ -110,7 +118,7 @@ def test_restore_order_undoes_the_length_sort(tiny_bert_path):
 @pytest.mark.parametrize("pack", [False, True])
 def test_grad_cache_step_over_slices_matches_the_plain_step(tiny_bert_path, pack):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32).double().eval()  # float64: see above
-    batch = PairCollator(encoder, num_negatives=1, pack=pack)(EXAMPLES)
+    batch = PairCollator(encoder, num_negatives=1, layout=BatchLayout(pack=pack))(EXAMPLES)
     loss_fn = InfoNCELoss(0.05)
     loss, _ = make_loss_step(loss_fn)(encoder, batch)
     loss.backward()

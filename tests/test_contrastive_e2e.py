@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ember_train.config import load_config
-from ember_train.pipelines import contrastive
+from ember_train.pipelines import contrastive, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

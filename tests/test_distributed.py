@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import two_process_launch
 
-from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
 
 HERE = os.path.dirname(__file__)
 

@@ -11,9 +11,10 @@ from conftest import assert_close_at_scale, run_tiny_contrastive, two_process_la
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ember_train.encoder import Encoder
-from ember_train.training import embedding_grad
-from ember_train.training.embedding_grad import EmbeddingGradBuffer
+from ember_train.data.batching import tokenize_packed
+from ember_train.models import Encoder
+from ember_train.speedups import embedding_grad
+from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = ["a short one", "a somewhat longer text about debian packages and tools", "x"]
@@ -51,7 +52,7 @@ def _backward_twice(
 @pytest.mark.parametrize("packed", [False, True])
 def test_buffer_gives_the_dense_gradient_without_a_dense_embedding_backward(tiny_bert_path, packed):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).eval()  # no dropout
-    tokenize = (lambda t: encoder.tokenize_packed(t)[0]) if packed else encoder.tokenize
+    tokenize = (lambda t: tokenize_packed(encoder, t)[0]) if packed else encoder.tokenize
     features = [tokenize(TEXTS), tokenize(TEXTS[::-1] + ["one more"])]
     if not packed:  # the padded side has padding tokens, whose row must get no gradient
         assert (features[0]["attention_mask"] == 0).any()

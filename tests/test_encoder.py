@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ember_train.encoder import Encoder, pool
+from ember_train.models import Encoder, pool
 
 
 def test_mean_pooling_ignores_padding(tiny_bert_path):
@@ -80,7 +80,7 @@ def test_attention_dropout_setting_controls_the_dropout_attention_applies(tiny_b
 def test_attention_dropout_on_a_model_without_one_is_an_error(tmp_path):
     from transformers import GPT2Config
 
-    from ember_train.encoder.encoder import backbone_config
+    from ember_train.models.encoder import backbone_config
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     assert backbone_config(str(tmp_path)).attn_pdrop == 0.1  # unset: the checkpoint's config as is

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from ember_train.encoder import Encoder
-from ember_train.export import export_encoder
+from ember_train.models import Encoder
+from ember_train.models.sentence_transformers import export_encoder
 
 TEXTS = ["a debian package for parsing yaml", "tiny", "library for reading and writing PNG images in C"]
 

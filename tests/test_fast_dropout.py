@@ -18,12 +18,11 @@ from transformers import AutoModel, BertConfig, BertModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ember_train.config import TrainConfig
-from ember_train.encoder import dropout_kernel
-from ember_train.encoder.encoder import enable_activation_checkpointing
-from ember_train.encoder.fast_dropout import (
-    ATTENTION_IMPLEMENTATION,
+from ember_train.models.attention import ATTENTION_IMPLEMENTATION, ember_attention
+from ember_train.models.encoder import enable_activation_checkpointing
+from ember_train.speedups import dropout_kernel
+from ember_train.speedups.dropout import (
     FastCPUDropout,
-    ember_attention,
     fast_dropout,
     keep_mask,
     keep_probability,
@@ -125,7 +124,7 @@ def test_a_compiler_that_fails_gives_a_warning_and_the_numpy_masks(monkeypatch, 
 def test_processes_building_the_kernel_at_once_all_load_it(tmp_path):
     """Each build goes to a temporary file renamed into place: no process loads half a library."""
     script = (
-        "from ember_train.encoder import dropout_kernel as k; import torch; "
+        "from ember_train.speedups import dropout_kernel as k; import torch; "
         "lib = k.load(); assert lib is not None; "
         "print(bool(k.dropout_f32(torch.ones(100), 1, 32768, 2.0).sum() > 0))"
     )
@@ -177,6 +176,8 @@ class _Attention(nn.Module):
     def __init__(self, dropout: nn.Module | None = None) -> None:
         super().__init__()
         self.dropout = FastCPUDropout(0.25) if dropout is None else dropout
+        if isinstance(self.dropout, FastCPUDropout):
+            use_fast_cpu_dropout(self)  # its attention dropout: seeded_dropout_attention
 
 
 def test_attention_dropout_path_is_softmax_attention_with_the_mask():

@@ -228,7 +228,7 @@ def test_retromae_from_a_body_without_mlm_head_says_so_in_one_line(tmp_path, cap
     warning and its key table are replaced by one line saying a new head is initialised."""
     from transformers import AutoModel, AutoTokenizer
 
-    from ember_train.encoder.retromae import RetroMAEModel
+    from ember_train.models.retromae import RetroMAEModel
 
     source = make_tiny_bert(tmp_path / "with-head")
     body = tmp_path / "body"  # the encoder alone, as sentence-transformers ships it

@@ -72,8 +72,7 @@ def _update_cosine(initial: dict, a: dict, b: dict) -> float:
 def _train_in_process(config: Path, *overrides: str) -> None:
     from accelerate.state import AcceleratorState
 
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     AcceleratorState._reset_state(reset_partial_state=True)  # precision is fixed once per process
     contrastive.run(load_config(str(config), list(overrides)))
@@ -132,7 +131,7 @@ def test_mixed_precision_trains_like_fp32(fp32_run, tmp_path, model_path, precis
     # The export gives sentence-transformers on the GPU the training-time vectors.
     from sentence_transformers import SentenceTransformer
 
-    from ember_train.encoder import Encoder
+    from ember_train.models import Encoder
 
     texts = ["install a web server", "a library for parsing YAML files"]
     encoder = Encoder.from_pretrained(tmp_path / name / "final").cuda().eval()

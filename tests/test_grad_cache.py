@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import assert_close_at_scale, run_tiny_contrastive
 
-from ember_train.encoder import Encoder
-from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-from ember_train.encoder.packing import split_batch
+from ember_train.data.batching import split_batch, tokenize_packed
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
+from ember_train.speedups.dropout import use_fast_cpu_dropout
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_grad_cache_gradients_equal_full_batch_with_dropout(tiny_bert_path, devi
     if fast_cpu_dropout:
         assert use_fast_cpu_dropout(encoder) > 0
     assert encoder.backbone.config.hidden_dropout_prob > 0
-    tokenize = (lambda texts: encoder.tokenize_packed(texts)[0]) if packed else encoder.tokenize
+    tokenize = (lambda texts: tokenize_packed(encoder, texts)[0]) if packed else encoder.tokenize
     q_features, d_features = (
         {k: v.to(device) for k, v in tokenize(texts).items()} for texts in (QUERIES, DOCS + NEGS)
     )

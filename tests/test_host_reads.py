@@ -17,16 +17,18 @@ import torch
 from reliability.tiny_loop import run_tiny
 
 import ember_train
+from ember_train.data.batching import BatchLayout
 from ember_train.data.masking import RetroMAECollator
 from ember_train.data.pairs import PairCollator, PairExample
-from ember_train.encoder import Encoder
-from ember_train.encoder.heads import LinearHead
-from ember_train.encoder.retromae import RetroMAEModel
+from ember_train.data.setfit_pairs import TargetPairCollator
 from ember_train.losses.cosine import CosineMSELoss
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.losses.retromae import RetroMAELoss
+from ember_train.models import Encoder
+from ember_train.models.heads import LinearHead
+from ember_train.models.retromae import RetroMAEModel
+from ember_train.models.setfit import SetFitStyleModel
 from ember_train.pipelines import contrastive, retromae, setfit
-from ember_train.setfit_model import SetFitStyleModel
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.host_reads import HostReadCounter
 from ember_train.training.loop import batch_to_device
@@ -99,7 +101,7 @@ def test_setfit_pair_loss_step_reads_nothing_itself(tiny_bert_path):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
     model = SetFitStyleModel(encoder, LinearHead(encoder.dim, ["a", "b"])).train()
     items = [{"text1": e.query, "text2": e.positive, "label": float(i % 2)} for i, e in enumerate(EXAMPLES)]
-    batch = setfit.TargetPairCollator(encoder)(items)
+    batch = TargetPairCollator(encoder)(items)
     assert _ember_reads(setfit.make_pair_loss_step(CosineMSELoss()), model, batch) == 0
 
 
@@ -116,7 +118,7 @@ def test_packed_contrastive_step_runs_on_a_device_without_values(tiny_bert_path,
     """Packed batches: even transformers reads nothing (no attention mask), and the packing
     layout is built from metadata the loop leaves on the host (before, it read 7 values per side)."""
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
-    batch = batch_to_device(PairCollator(encoder, pack=True)(EXAMPLES), "meta")
+    batch = batch_to_device(PairCollator(encoder, layout=BatchLayout(pack=True))(EXAMPLES), "meta")
     assert batch["query"][0]["input_ids"].is_meta and not batch["query"][0]["sequence_lengths"].is_meta
     encoder = encoder.train().to("meta")
     loss_step = contrastive.make_loss_step(InfoNCELoss(), grad_cache_chunk_size=2 if cached else 0)
@@ -135,7 +137,7 @@ def test_packed_contrastive_step_runs_on_a_device_without_values(tiny_bert_path,
 def test_packed_setfit_pair_step_runs_on_a_device_without_values(tiny_bert_path):
     encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=32)
     items = [{"text1": e.query, "text2": e.positive, "label": float(i % 2)} for i, e in enumerate(EXAMPLES)]
-    batch = batch_to_device(setfit.TargetPairCollator(encoder, pack=True)(items), "meta")
+    batch = batch_to_device(TargetPairCollator(encoder, BatchLayout(pack=True))(items), "meta")
     model = SetFitStyleModel(encoder, LinearHead(encoder.dim, ["a", "b"])).train().to("meta")
     loss, _ = setfit.make_pair_loss_step(CosineMSELoss())(model, batch)
     loss.backward()

@@ -19,10 +19,10 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from ember_train import cli
-from ember_train.config import ConfigError, load_config
+from ember_train.config import ConfigError
 from ember_train.export import hub
 from ember_train.export.model_card import split_front_matter
-from ember_train.pipelines import get_pipeline
+from ember_train.pipelines import get_pipeline, load_config
 
 REPO_ID = "debian-team/ember-debian"
 

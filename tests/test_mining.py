@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember_train.evaluation import search
-from ember_train.mining import mine_hard_negatives
+from ember_train.evaluation.mining import mine_hard_negatives
 
 
 class TableEncoder:

@@ -118,8 +118,8 @@ def test_update_card_replaces_same_task_and_keeps_others():
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False)])
 def test_usage_snippets_reproduce_the_encoder(tmp_path, tiny_bert_path, pooling, normalize):
-    from ember_train.encoder import Encoder
-    from ember_train.export import export_encoder
+    from ember_train.models import Encoder
+    from ember_train.models.sentence_transformers import export_encoder
 
     encoder = Encoder.from_pretrained(tiny_bert_path, pooling=pooling, normalize=normalize, max_seq_length=64)
     out = tmp_path / "export"

@@ -8,9 +8,16 @@ from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, Ro
 from ember_train.config import ConfigError
 from ember_train.config.parse import from_dict
 from ember_train.config.schema import TrainConfig
-from ember_train.data.pairs import token_counts
-from ember_train.encoder import POOLING_MODES, Encoder
-from ember_train.encoder.packing import ATTENTION_GROUPS, packing_supported, split_batch, use_packing
+from ember_train.data.batching import (
+    ATTENTION_GROUPS,
+    BatchLayout,
+    packing_supported,
+    split_batch,
+    token_counts,
+    tokenize_packed,
+    use_packing,
+)
+from ember_train.models import POOLING_MODES, Encoder
 
 TEXTS = [
     "a",
@@ -47,7 +54,7 @@ def _encoder(kind: str, tmp_path, attention: str = "sdpa") -> Encoder:
 def _packed_and_padded(
     encoder: Encoder, texts: list[str], num_groups: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    features, order = encoder.tokenize_packed(texts, kind="document", num_groups=num_groups)
+    features, order = tokenize_packed(encoder, texts, kind="document", num_groups=num_groups)
     packed = encoder(features)[torch.argsort(order)]
     return packed, encoder(encoder.tokenize(texts, kind="document"))
 
@@ -72,7 +79,7 @@ def test_vectors_do_not_depend_on_the_number_of_attention_groups(tmp_path, num_g
 
 
 def test_packed_rows_are_cut_into_the_default_number_of_attention_groups(tmp_path):
-    features, _ = _encoder("bert", tmp_path).tokenize_packed(TEXTS)  # five different lengths
+    features, _ = tokenize_packed(_encoder("bert", tmp_path), TEXTS)  # five different lengths
     assert len(features["group_sizes"]) == ATTENTION_GROUPS == 3
 
 
@@ -80,8 +87,8 @@ def test_gradient_cache_chunk_size_does_not_constrain_packed_attention_groups(tm
     """Chunks re-cut a packed row's groups themselves (split_batch); the groups stay padding-optimal."""
     encoder = _encoder("bert", tmp_path)
     texts = ["x"] * 28 + ["a much longer text " * 4] * 4  # 32 texts: cut before the long ones
-    (packed,), _ = encoder.tokenize_sorted(texts, None, cut_multiple_of=16, pack=True)
-    assert torch.equal(packed["group_sizes"], encoder.tokenize_packed(texts)[0]["group_sizes"])
+    (packed,), _ = BatchLayout(pack=True, cut_multiple_of=16).tokenize(encoder, texts, None)
+    assert torch.equal(packed["group_sizes"], tokenize_packed(encoder, texts)[0]["group_sizes"])
     assert int(packed["group_sizes"][-1]) == 4
 
 
@@ -101,7 +108,7 @@ def test_packed_gradients_equal_padded_gradients(tmp_path):
 
 def test_packed_row_has_no_padding_and_attention_groups_cover_every_text(tmp_path):
     encoder = _encoder("bert", tmp_path)
-    features, order = encoder.tokenize_packed(TEXTS, num_groups=2)
+    features, order = tokenize_packed(encoder, TEXTS, num_groups=2)
     lengths = features["sequence_lengths"]
     assert lengths.tolist() == sorted(lengths.tolist())
     assert features["input_ids"].shape == (1, int(lengths.sum()))
@@ -119,7 +126,7 @@ def test_packed_row_has_no_padding_and_attention_groups_cover_every_text(tmp_pat
 def test_split_batch_chunks_give_the_whole_rows_vectors(tmp_path):
     encoder = _encoder("bert", tmp_path)
     texts = TEXTS * 3  # 15 texts
-    features, _ = encoder.tokenize_packed(texts, num_groups=2)
+    features, _ = tokenize_packed(encoder, texts, num_groups=2)
     chunks = split_batch(features, 4)
     assert [int(c["sequence_lengths"].shape[0]) for c in chunks] == [4, 4, 4, 3]
     assert all(int(c["group_sizes"].sum()) == int(c["sequence_lengths"].shape[0]) for c in chunks)

@@ -15,7 +15,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 
 from ember_train import cli
-from ember_train.encoder.encoder import Encoder, UnsafeWeightsError
+from ember_train.models.encoder import Encoder, UnsafeWeightsError
 
 
 class _Exploit:
@@ -128,8 +128,7 @@ def test_no_secret_from_the_environment_reaches_logs_config_or_model_card(tmp_pa
 def test_no_pickle_is_written_where_safetensors_will_do(tmp_path, tiny_bert_path):
     """Exports and checkpoint weights are safetensors; the only pickles are accelerate's
     optimizer/scheduler/RNG files, which resume reads with weights_only=True."""
-    from ember_train.config import load_config
-    from ember_train.pipelines import contrastive
+    from ember_train.pipelines import contrastive, load_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(

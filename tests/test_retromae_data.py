@@ -15,7 +15,7 @@ from ember_train.data.text_corpus import (
     KeyedBatches,
     KeyedTexts,
     StreamingBatches,
-    filter_and_pack,
+    filter_and_join,
     iter_texts,
     shuffle_buffer,
     token_lengths,
@@ -104,7 +104,7 @@ def test_short_texts_are_skipped_and_counted(tokenizer):
         "alpha beta gamma delta epsilon zeta",
     ]
     stats = CorpusStats()
-    kept = list(filter_and_pack(texts, token_lengths(tokenizer), min_tokens=5, stats=stats))
+    kept = list(filter_and_join(texts, token_lengths(tokenizer), min_tokens=5, stats=stats))
     assert [t for t, _ in kept] == [texts[1], texts[3]]
     assert stats.texts_read == 4 and stats.too_short == 2 and stats.sequences == 2
     assert "2 shorter than the minimum skipped" in stats.summary()
@@ -115,7 +115,7 @@ def test_packing_fills_sequences_without_losing_or_splitting_texts(tokenizer):
     texts = [json.loads(line)["text"].replace("\n", " ") for line in lines]
     lengths = token_lengths(tokenizer)
     stats = CorpusStats()
-    packed = list(filter_and_pack(texts, lengths, pack_to=126, separator="\n", stats=stats))
+    packed = list(filter_and_join(texts, lengths, join_to=126, separator="\n", stats=stats))
     assert len(packed) < len(texts)  # short descriptions were joined
     assert "\n".join(t for t, _ in packed) == "\n".join(texts)  # order kept, nothing lost
     for text, n in packed:

@@ -9,8 +9,14 @@ import torch
 from conftest import FIXTURES, minilm_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ember_train.data.masking import IGNORE_INDEX, RetroMAECollator, WholeWordMasker, require_mask_token
-from ember_train.encoder.retromae import decoder_attention_mask, mask_memory_bytes
+from ember_train.data.masking import (
+    IGNORE_INDEX,
+    RetroMAECollator,
+    WholeWordMasker,
+    decoder_attention_mask,
+    mask_memory_bytes,
+    require_mask_token,
+)
 
 CORPUS = FIXTURES / "retromae" / "debian_long.jsonl"
 

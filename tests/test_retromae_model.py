@@ -8,9 +8,9 @@ from test_retromae_masking import corpus_texts, train_tokenizer
 from transformers import AutoModelForMaskedLM
 
 from ember_train.data.masking import IGNORE_INDEX, RetroMAECollator
-from ember_train.encoder import Encoder
-from ember_train.encoder.retromae import DecoderConfig, RetroMAEDecoder, RetroMAEModel, RetroMAEOutput
 from ember_train.losses.retromae import RetroMAELoss, token_cross_entropy
+from ember_train.models import Encoder
+from ember_train.models.retromae import DecoderConfig, RetroMAEDecoder, RetroMAEModel, RetroMAEOutput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

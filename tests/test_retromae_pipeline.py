@@ -11,8 +11,9 @@ import torch
 from conftest import FIXTURES, REPO, two_process_launch
 from test_retromae_masking import corpus_texts, train_wordpiece
 
-from ember_train.config import from_dict, load_config
-from ember_train.encoder import Encoder
+from ember_train.config import from_dict
+from ember_train.models import Encoder
+from ember_train.pipelines import load_config
 from ember_train.pipelines.retromae import RetroMAEConfig, run
 
 CORPUS = FIXTURES / "retromae" / "debian_long.jsonl"
@@ -209,7 +210,13 @@ def test_streaming_with_packing_runs(small_bert, tmp_path):
     cfg = make_cfg(
         small_bert,
         tmp_path / "run",
-        data={"train": str(txt), "streaming": True, "pack": True, "shuffle_buffer": 16, "max_texts": None},
+        data={
+            "train": str(txt),
+            "streaming": True,
+            "join_texts": True,
+            "shuffle_buffer": 16,
+            "max_texts": None,
+        },
         train={"max_steps": 3, "checkpoint_every": 0},
         export={"enabled": False},
     )

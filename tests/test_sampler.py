@@ -67,7 +67,7 @@ def test_length_grouping_reduces_padding():
 def test_contrastive_grouping_sorts_by_document_tokens_then_query(tiny_bert_path) -> None:
     """Group keys come from truncated token counts, documents first: the cost that padding wastes."""
     from ember_train.data.pairs import PairExample
-    from ember_train.encoder import Encoder
+    from ember_train.models import Encoder
     from ember_train.pipelines.contrastive import grouping_lengths
 
     encoder = Encoder.from_pretrained(str(tiny_bert_path), max_seq_length=16)

@@ -7,11 +7,13 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from ember_train.encoder import Encoder
-from ember_train.encoder.heads import LinearHead
+from ember_train.data.batching import BatchLayout, tokenize_slices
+from ember_train.data.setfit_pairs import TargetPairCollator
 from ember_train.losses.cosine import CosineMSELoss
-from ember_train.pipelines.setfit import TargetPairCollator, make_pair_loss_step
-from ember_train.setfit_model import SetFitStyleModel
+from ember_train.models import Encoder
+from ember_train.models.heads import LinearHead
+from ember_train.models.setfit import SetFitStyleModel
+from ember_train.pipelines.setfit import make_pair_loss_step
 from ember_train.training.grad_cache import StepContext
 
 SHORT = ["refund", "card lost", "atm fee", "pin"]
@@ -32,7 +34,7 @@ def _model(tiny_bert_path) -> SetFitStyleModel:
 def test_slices_are_sorted_by_length_and_pad_less_than_one_slice_per_side(tiny_bert_path):
     encoder = _model(tiny_bert_path).body
     texts = [SHORT[0], LONG[0], SHORT[1], LONG[1], SHORT[2], LONG[2], SHORT[3], LONG[3]]
-    chunks, order = encoder.tokenize_by_length(texts, num_chunks=2)
+    chunks, order = tokenize_slices(encoder, texts, num_slices=2)
     lengths = encoder.token_lengths(texts)
     assert sorted(order.tolist()) == list(range(8))
     assert [lengths[i] for i in order] == sorted(lengths)
@@ -59,8 +61,8 @@ def test_pair_loss_is_computed_in_pair_order(tiny_bert_path, pack, slices):
         {"text1": s, "text2": t, "label": float(i % 2)}
         for i, (s, t) in enumerate(zip(SHORT, LONG, strict=True))
     ]
-    batch = TargetPairCollator(model.body, pack=pack, padded_slices=slices)(items)
-    assert len(batch["chunks"]) == (1 if pack else slices)
+    batch = TargetPairCollator(model.body, BatchLayout(pack=pack, padded_slices=slices))(items)
+    assert len(batch["slices"]) == (1 if pack else slices)
     loss_fn = CosineMSELoss()
     loss, metrics = make_pair_loss_step(loss_fn)(model, batch)
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_pair_gradient_cache_equals_plain_gradients(tiny_bert_path, pack):
     model = _model(tiny_bert_path).eval()
     items = [{"text1": s, "text2": t, "label": 1.0} for s, t in zip(SHORT, LONG, strict=True)]
     items += [{"text1": s, "text2": t, "label": 0.0} for s, t in zip(SHORT, reversed(LONG), strict=True)]
-    batch = TargetPairCollator(model.body, pack=pack)(items)
+    batch = TargetPairCollator(model.body, BatchLayout(pack=pack))(items)
     loss_fn = CosineMSELoss()
 
     plain_loss, _ = make_pair_loss_step(loss_fn)(model, batch)

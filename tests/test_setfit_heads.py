@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ember_train.encoder.heads import LinearHead, fit_linear_head, fit_logistic_regression
+from ember_train.models.heads import LinearHead, fit_linear_head, fit_logistic_regression
 
 
 def blobs(n_per: int = 20, labels=("a", "b", "c"), dim: int = 8, seed: int = 0):

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler, Permutation
+from ember_train.data.setfit_pairs import LabelPairs, PairBatchSampler, Permutation
 
 # 3 labels with 8, 4 and 8 texts (20 in all), the running example of SetFit's strategy guide.
 LABELS = ["happy"] * 8 + ["content"] * 4 + ["sad"] * 8
@@ -18,7 +18,7 @@ TEXTS = [f"text {i}" for i in range(len(LABELS))]
 POS, NEG = 62, 190 - 62
 
 
-def all_pairs(ds: ContrastivePairs) -> list[tuple[int, int, float]]:
+def all_pairs(ds: LabelPairs) -> list[tuple[int, int, float]]:
     return [ds.pair(k) for k in range(len(ds))]
 
 
@@ -32,7 +32,7 @@ def unordered(pairs) -> set[tuple[int, int]]:
 
 
 def test_oversampling_counts_and_balance():
-    ds = ContrastivePairs(TEXTS, LABELS, strategy="oversampling", seed=3)
+    ds = LabelPairs(TEXTS, LABELS, strategy="oversampling", seed=3)
     assert (ds.n_positive, ds.n_negative) == (POS, NEG)
     pairs = all_pairs(ds)
     assert len(pairs) == 2 * NEG
@@ -48,7 +48,7 @@ def test_oversampling_counts_and_balance():
 
 
 def test_undersampling_counts_and_balance():
-    ds = ContrastivePairs(TEXTS, LABELS, strategy="undersampling", seed=3)
+    ds = LabelPairs(TEXTS, LABELS, strategy="undersampling", seed=3)
     pairs = all_pairs(ds)
     assert len(pairs) == 2 * POS
     assert Counter(t for *_, t in pairs) == {1.0: POS, 0.0: POS}
@@ -58,7 +58,7 @@ def test_undersampling_counts_and_balance():
 
 
 def test_unique_gives_every_pair_exactly_once():
-    ds = ContrastivePairs(TEXTS, LABELS, strategy="unique", seed=3)
+    ds = LabelPairs(TEXTS, LABELS, strategy="unique", seed=3)
     pairs = all_pairs(ds)
     assert len(pairs) == POS + NEG
     assert Counter(t for *_, t in pairs) == {1.0: POS, 0.0: NEG}
@@ -68,7 +68,7 @@ def test_unique_gives_every_pair_exactly_once():
 
 def test_num_iterations_gives_k_positives_and_k_negatives_per_text():
     k = 3
-    ds = ContrastivePairs(TEXTS, LABELS, num_iterations=k, strategy="unique", seed=3)
+    ds = LabelPairs(TEXTS, LABELS, num_iterations=k, strategy="unique", seed=3)
     pairs = all_pairs(ds)
     assert len(pairs) == 2 * k * len(TEXTS)
     check_targets(pairs, LABELS)
@@ -78,7 +78,7 @@ def test_num_iterations_gives_k_positives_and_k_negatives_per_text():
 
 def test_num_iterations_with_a_singleton_label_keeps_balance():
     labels = ["a"] * 5 + ["b"] * 5 + ["lonely"]
-    ds = ContrastivePairs([str(i) for i in range(11)], labels, num_iterations=2, seed=0)
+    ds = LabelPairs([str(i) for i in range(11)], labels, num_iterations=2, seed=0)
     pairs = all_pairs(ds)
     assert Counter(t for *_, t in pairs) == {1.0: 22, 0.0: 22}
     check_targets(pairs, labels)
@@ -87,9 +87,9 @@ def test_num_iterations_with_a_singleton_label_keeps_balance():
 
 @pytest.mark.parametrize("strategy", ["oversampling", "undersampling", "unique"])
 def test_no_self_pairs_unless_asked(strategy):
-    ds = ContrastivePairs(TEXTS, LABELS, strategy=strategy, seed=0)
+    ds = LabelPairs(TEXTS, LABELS, strategy=strategy, seed=0)
     assert all(i != j for i, j, _ in all_pairs(ds))
-    with_self = ContrastivePairs(TEXTS, LABELS, strategy=strategy, seed=0, include_self_pairs=True)
+    with_self = LabelPairs(TEXTS, LABELS, strategy=strategy, seed=0, include_self_pairs=True)
     assert with_self.n_positive == POS + len(TEXTS)  # every text paired with itself, as a positive
     selfs = [(i, j, t) for i, j, t in all_pairs(with_self) if i == j]
     assert selfs and all(t == 1.0 for *_, t in selfs)
@@ -99,22 +99,20 @@ def test_no_self_pairs_unless_asked(strategy):
 
 def test_num_iterations_self_pairs_only_when_asked():
     labels = ["a", "a", "b", "b", "c", "c"]
-    ds = ContrastivePairs([str(i) for i in range(6)], labels, num_iterations=50, seed=1)
+    ds = LabelPairs([str(i) for i in range(6)], labels, num_iterations=50, seed=1)
     assert all(i != j for i, j, _ in all_pairs(ds))
-    ds = ContrastivePairs(
-        [str(i) for i in range(6)], labels, num_iterations=50, seed=1, include_self_pairs=True
-    )
+    ds = LabelPairs([str(i) for i in range(6)], labels, num_iterations=50, seed=1, include_self_pairs=True)
     assert any(i == j for i, j, _ in all_pairs(ds))
 
 
 def test_reproducible_with_a_seed_and_different_across_seeds():
-    a = all_pairs(ContrastivePairs(TEXTS, LABELS, seed=7))
-    b = all_pairs(ContrastivePairs(TEXTS, LABELS, seed=7))
-    c = all_pairs(ContrastivePairs(TEXTS, LABELS, seed=8))
+    a = all_pairs(LabelPairs(TEXTS, LABELS, seed=7))
+    b = all_pairs(LabelPairs(TEXTS, LABELS, seed=7))
+    c = all_pairs(LabelPairs(TEXTS, LABELS, seed=8))
     assert a == b
     assert a != c
     # Item k does not depend on which items were drawn before it (random access).
-    ds = ContrastivePairs(TEXTS, LABELS, seed=7)
+    ds = LabelPairs(TEXTS, LABELS, seed=7)
     order = list(range(len(ds)))
     random.Random(0).shuffle(order)
     assert {k: ds.pair(k) for k in order} == dict(enumerate(a))
@@ -126,21 +124,21 @@ def test_multi_label_pairs_match_brute_force():
     brute_pos = {
         (i, j) for i, j in itertools.combinations(range(n), 2) if set(label_sets[i]) & set(label_sets[j])
     }
-    ds = ContrastivePairs([str(i) for i in range(n)], label_sets, strategy="unique", seed=2)
+    ds = LabelPairs([str(i) for i in range(n)], label_sets, strategy="unique", seed=2)
     assert ds.multi_label
     assert ds.n_positive == len(brute_pos)
     assert ds.n_negative == n * (n - 1) // 2 - len(brute_pos)
     pairs = all_pairs(ds)
     assert unordered(pairs) == set(itertools.combinations(range(n), 2))
     assert {(min(i, j), max(i, j)) for i, j, t in pairs if t == 1.0} == brute_pos
-    iterated = all_pairs(ContrastivePairs([str(i) for i in range(n)], label_sets, num_iterations=3, seed=2))
+    iterated = all_pairs(LabelPairs([str(i) for i in range(n)], label_sets, num_iterations=3, seed=2))
     for i, j, t in iterated:
         assert bool(set(label_sets[i]) & set(label_sets[j])) == (t == 1.0)
         assert i != j
 
 
 def test_items_are_text_pairs():
-    ds = ContrastivePairs(TEXTS, LABELS, seed=0)
+    ds = LabelPairs(TEXTS, LABELS, seed=0)
     item = ds[0]
     i, j, t = ds.pair(0)
     assert item == {"text1": TEXTS[i], "text2": TEXTS[j], "label": t}
@@ -150,13 +148,13 @@ def test_items_are_text_pairs():
 
 def test_impossible_inputs_are_explained():
     with pytest.raises(ValueError, match="no positive pairs"):
-        ContrastivePairs(["a", "b", "c"], [1, 2, 3])
+        LabelPairs(["a", "b", "c"], [1, 2, 3])
     with pytest.raises(ValueError, match="no negative pairs"):
-        ContrastivePairs(["a", "b", "c"], [1, 1, 1])
+        LabelPairs(["a", "b", "c"], [1, 1, 1])
     with pytest.raises(ValueError, match="strategy"):
-        ContrastivePairs(TEXTS, LABELS, strategy="random")
+        LabelPairs(TEXTS, LABELS, strategy="random")
     with pytest.raises(ValueError, match="2 texts"):
-        ContrastivePairs(["a"], [1])
+        LabelPairs(["a"], [1])
 
 
 def test_memory_stays_linear_for_10k_texts_and_200_labels():
@@ -167,7 +165,7 @@ def test_memory_stays_linear_for_10k_texts_and_200_labels():
     labels = [f"label {rng.randrange(200)}" for _ in range(n)]
     tracemalloc.start()
     try:
-        ds = ContrastivePairs(texts, labels, strategy="oversampling", seed=0)
+        ds = LabelPairs(texts, labels, strategy="oversampling", seed=0)
         step = len(ds) // 20_000
         drawn = [ds.pair(k) for k in range(0, len(ds), step)][:20_000]
         _, peak = tracemalloc.get_traced_memory()
@@ -186,7 +184,7 @@ def test_memory_stays_linear_for_multi_label():
     label_sets = [rng.sample(range(200), 2) for _ in range(n)]
     tracemalloc.start()
     try:
-        ds = ContrastivePairs([str(i) for i in range(n)], label_sets, num_iterations=2, seed=0)
+        ds = LabelPairs([str(i) for i in range(n)], label_sets, num_iterations=2, seed=0)
         drawn = [ds.pair(k) for k in range(0, len(ds), 7)]
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -204,7 +202,7 @@ def test_permutation_is_a_bijection(size):
 
 
 def test_batch_sampler_covers_every_item_once_per_epoch_and_balances_batches():
-    ds = ContrastivePairs(TEXTS, LABELS, seed=0)  # 256 items, alternating +/-
+    ds = LabelPairs(TEXTS, LABELS, seed=0)  # 256 items, alternating +/-
     world = 3
     for epoch in (0, 1):
         seen = []

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REPO
 
-from ember_train.config import ConfigError, from_dict, load_config
+from ember_train.cli import predict_command
+from ember_train.config import ConfigError, from_dict
+from ember_train.models.setfit import SetFitStyleModel
+from ember_train.pipelines import load_config
 from ember_train.pipelines.setfit import SetFitConfig, export_checkpoint, run
-from ember_train.setfit_model import SetFitStyleModel, predict_command
 from ember_train.training.checkpoint import list_checkpoints
 
 # Three topics with disjoint vocabularies plus shared filler words: separable from token identity

@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A problem in a config file or an override; the message names the key and the source."""
 
 
+# Keys that were renamed: (config section class, old key) -> new key. An old key is an error that
+# names its new name, so a config written for an earlier version says what to change.
+RENAMED_KEYS: dict[tuple[str, str], str] = {
+    ("TextDataConfig", "pack"): "join_texts",  # RetroMAE's joining of short texts, not train.pack_sequences
+    ("TextDataConfig", "pack_separator"): "join_separator",
+}
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -101,6 +109,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", p
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    for key in unknown:
+        if (cls.__name__, key) in RENAMED_KEYS:
+            new = RENAMED_KEYS[cls.__name__, key]
+            raise ConfigError(f"{source}: key '{prefix}{key}' was renamed to '{prefix}{new}'")
     if unknown:
         known = ", ".join(sorted(fields))
         raise ConfigError(
@@ -117,6 +129,18 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", p
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ checks
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def blame_override(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
+    """An error about a key given on the command line names the command line, not the file."""
+    message = str(error)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        section, _, name = key.rpartition(".")
+        checked = f"{source}: {section}: {name} " if section else None  # a __post_init__ check
+        if f"'{key}'" in message or f"{source}: {key}:" in message or (checked and checked in message):
+            return ConfigError(message.replace(f"{source}:", f"command line ({item}):", 1))
+    return error
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ember_train.encoder.pooling import POOLING_MODES
+from ember_train.models.pooling import POOLING_MODES
 
 
 @dataclass
@@ -65,13 +65,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # On CPU: dropout masks hashed from one seed by a small C kernel, several times cheaper than
     # PyTorch's (keep probability rounded to 1/65536); other devices are unaffected. See
-    # encoder/fast_dropout.py.
+    # speedups/dropout.py.
     fast_cpu_dropout: bool = True
     # On CPU (not DeepSpeed): the word-embedding gradient accumulates sparse updates into one
     # buffer kept across steps, instead of a fresh [vocab, dim] tensor per forward call (page
-    # faults). Same sums. See training/embedding_grad.py.
+    # faults). Same sums. See speedups/embedding_grad.py.
     fast_cpu_embedding_grad: bool = True
-    # Padding-free batches for contrastive and SetFit-style tuning (encoder/packing.py): "auto" =
+    # Padding-free batches for contrastive and SetFit-style tuning (models/packing.py): "auto" =
     # on CPU when the model gives the same vectors packed (checked at start); true = everywhere
     # (an error if the model cannot); false = padded, length-sorted slices.
     pack_sequences: bool | Literal["auto"] = "auto"

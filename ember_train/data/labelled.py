@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class LabelledTexts:
 
     def label_names(self) -> list[Label]:
         """Distinct labels, sorted when comparable."""
-        from ember_train.encoder.heads import label_list
+        from ember_train.models.heads import label_list
 
         return label_list(self.labels, self.multi_label)
 
@@ -251,3 +253,40 @@ def sample_per_label(data: LabelledTexts, per_label: int, seed: int) -> Labelled
             for k in keys:
                 taken[k] += 1
     return data.subset(sorted(chosen))
+
+
+def subsample(data: LabelledTexts, limit: int | None, seed: int) -> LabelledTexts:
+    """A seeded random subset of ``limit`` texts (in their order), or ``data`` when it is no larger."""
+    if limit is None or len(data) <= limit:
+        return data
+    rows = sorted(random.Random(seed).sample(range(len(data)), limit))
+    return data.subset(rows)
+
+
+class ScoredPairDataset(Dataset):
+    """Scored pairs as ``{"text1", "text2", "label"}`` items, the score mapped onto [0, 1]."""
+
+    def __init__(self, pairs: ScoredPairs, score_range: list[float] | None) -> None:
+        low, high = score_range if score_range is not None else (None, None)
+        self.pairs = pairs
+        self.targets = normalize_scores(pairs.scores, low, high)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {"text1": self.pairs.sentence1[k], "text2": self.pairs.sentence2[k], "label": self.targets[k]}
+
+
+class TextCollator:
+    """Labelled texts -> tokenized features + head targets (end-to-end tuning)."""
+
+    def __init__(self, encoder: Any, head: Any) -> None:  # an Encoder and a LinearHead
+        self.encoder = encoder
+        self.head = head
+
+    def __call__(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {
+            "features": self.encoder.tokenize([t for t, _ in items]),
+            "targets": self.head.targets([label for _, label in items]),
+        }

@@ -1,4 +1,4 @@
-"""Whole-word masking with BERT's 80/10/10 replacement, for any fast or slow tokenizer.
+"""Whole-word masking with BERT's 80/10/10 replacement, and RetroMAE's enhanced-decoding attention mask.
 
 Masking single sub-word pieces lets a model fill ``##bly`` in from ``un ##bel ##ie ##va`` without
 understanding anything, so RetroMAE masks whole words. A *word* here is the coarser of two
@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ember_train.data.pairs import token_counts
-from ember_train.encoder.retromae import IGNORE_INDEX, decoder_attention_mask
+from ember_train.data.batching import token_counts
 
 WordScheme = Literal["wordpiece", "bpe", "sentencepiece", "none"]
 
@@ -30,6 +29,8 @@ _MARKERS: dict[str, tuple[WordScheme, bool]] = {
     "\u0120": ("bpe", True),  # Ġ: byte-level BPE's encoded space
     "\u2581": ("sentencepiece", True),  # ▁: SentencePiece's whitespace marker
 }
+
+IGNORE_INDEX = -100  # label of positions that are not scored (cross-entropy's default ignore_index)
 
 
 def require_mask_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -251,3 +252,54 @@ class RetroMAECollator:
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (into ``labels.flatten()``) of the positions that have a target."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def decoder_attention_mask(
+    groups: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The enhanced-decoding mask, ``[B, L, L]`` booleans: ``True`` where row ``i`` may attend to ``j``.
+
+    For every target row ``i`` (a real token other than position 0) each word of the text is
+    hidden with probability ``mask_ratio``, independently per row (whole words, as in the
+    reference); then the diagonal is hidden and position 0 shown. Rows that predict nothing
+    (position 0 and padding) see position 0 only, which keeps every softmax finite.
+
+    ``groups`` is ``[B, L]`` word indices with ``-1`` for special tokens and padding (see
+    :meth:`ember_train.data.masking.WholeWordMasker.word_groups`); special tokens inside the
+    text (``[SEP]``, packing separators) are sampled as one-token words. Peak memory is two
+    boolean ``B × L × L`` tensors (the per-row word draws and the mask): no float or int64
+    ``L × L`` tensor is built.
+    """
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"decoder mask ratio must be in [0, 1), got {mask_ratio}")
+    batch, length = attention_mask.shape
+    real = attention_mask.bool()
+    special_real = real & (groups < 0)
+    special_real[:, 0] = False
+    num_words = int(groups.max().item()) + 1 if groups.numel() else 0
+    extra = torch.cumsum(special_real.long(), dim=1) - 1 + max(num_words, 0)
+    dgroups = torch.where(special_real, extra, groups)  # -1: position 0 and padding
+    num_groups = max(int(dgroups.max().item()) + 1, 1)
+
+    keep = torch.empty(batch, length, num_groups, dtype=torch.bool, device=groups.device)
+    keep.bernoulli_(1.0 - mask_ratio, generator=generator)
+    # Stride-0 expand: gather reads the [B, L] index without materialising a B×L×L index.
+    index = dgroups.clamp(min=0)[:, None, :].expand(batch, length, length)
+    visible = keep.gather(2, index)
+    del keep
+    visible.masked_fill_((dgroups < 0)[:, None, :], False)
+    visible.diagonal(dim1=1, dim2=2).fill_(False)
+    target_rows = real.clone()
+    target_rows[:, 0] = False
+    visible.masked_fill_(~target_rows[:, :, None], False)
+    visible[:, :, 0] = True
+    return visible
+
+
+def mask_memory_bytes(batch_size: int, seq_len: int, num_groups: int | None = None) -> int:
+    """Peak bytes of :func:`decoder_attention_mask`'s tensors: the B×L×G word draws and the B×L×L mask."""
+    groups = seq_len if num_groups is None else num_groups
+    return batch_size * seq_len * groups + batch_size * seq_len * seq_len

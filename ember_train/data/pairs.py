@@ -13,11 +13,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from ember_train.data.batching import PADDED, BatchLayout, token_counts
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
-from ember_train.encoder.encoder import Encoder
-from ember_train.encoder.packing import is_packed
+from ember_train.models.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -128,30 +126,23 @@ class PairCollator:
 
     Documents are laid out as ``[positives (B); negatives (B × n)]``. Each query gets exactly
     ``num_negatives`` hard negatives, drawn from its own list (with replacement when it has
-    fewer), reproducibly per (seed, query). Each side is sorted by token length and padded in
-    ``padded_slices`` (2) slices cut where padding is least (:meth:`Encoder.tokenize_by_length`): on Debian pairs
-    grouped by document length, padding falls from 13.4% (one padded batch per side; most of it
-    in the short queries) to 4.6% at batch 32. With ``pack`` each side is instead one padding-free
-    row (:meth:`Encoder.tokenize_packed`), sorted and cut the same way for attention.
+    fewer), reproducibly per (seed, query). Each side is tokenized in the run's ``layout``: sorted
+    by token length and padded in ``padded_slices`` (2) slices cut where padding is least
+    (:func:`~ember_train.data.batching.tokenize_slices`): on Debian pairs grouped by document
+    length, padding falls from 13.4% (one padded batch per side; most of it in the short queries)
+    to 4.6% at batch 32; or packed, one padding-free row per side
+    (:func:`~ember_train.data.batching.tokenize_packed`), sorted and cut the same way for attention.
     ``query_order``/``document_order`` put the slices' rows back in text order
-    (:func:`~ember_train.encoder.restore_order`); ``token_counts`` are for the logs.
+    (:func:`~ember_train.data.batching.restore_order`); ``token_counts`` are for the logs.
     """
 
     def __init__(
-        self,
-        encoder: Encoder,
-        num_negatives: int = 0,
-        seed: int = 0,
-        cut_multiple_of: int = 1,
-        pack: bool = False,
-        padded_slices: int = 2,
+        self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, layout: BatchLayout = PADDED
     ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
-        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
-        self.pack = pack
-        self.padded_slices = padded_slices  # slices per side when not packed
+        self.layout = layout
 
     def _negatives(self, example: PairExample) -> list[str]:
         negatives = example.negatives
@@ -167,12 +158,8 @@ class PairCollator:
         if self.num_negatives:
             for e in examples:
                 documents.extend(self._negatives(e))
-        queries, query_order = self.encoder.tokenize_sorted(
-            [e.query for e in examples], "query", self.cut_multiple_of, self.pack, self.padded_slices
-        )
-        documents, document_order = self.encoder.tokenize_sorted(
-            documents, "document", self.cut_multiple_of, self.pack, self.padded_slices
-        )
+        queries, query_order = self.layout.tokenize(self.encoder, [e.query for e in examples], "query")
+        documents, document_order = self.layout.tokenize(self.encoder, documents, "document")
         return {
             "query": queries,
             "query_order": query_order,
@@ -181,19 +168,3 @@ class PairCollator:
             # Counted here, on the host: after the batch moves to a GPU, reading them would stall it.
             "token_counts": token_counts(*queries, *documents),
         }
-
-
-def token_counts(*features: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Real and padding token counts of tokenized batches, for throughput and padding logs.
-
-    Packed batches have no padding tokens (attention pads inside its groups, not counted here).
-    """
-    real = total = 0.0
-    for f in features:
-        if is_packed(f):
-            real += f["input_ids"].shape[1]
-            total += f["input_ids"].shape[1]
-        else:
-            real += float(f["attention_mask"].sum())
-            total += f["attention_mask"].numel()
-    return {"tokens": real, "padding_tokens": total - real}

@@ -34,7 +34,11 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
+
+from ember_train.data.batching import PADDED, BatchLayout, token_counts
+from ember_train.models.encoder import Encoder
 
 STRATEGIES = ("oversampling", "undersampling", "unique")
 _MASK64 = (1 << 64) - 1
@@ -255,8 +259,8 @@ class _MultiLabelIndex:
         return offset + int(np.searchsorted(gaps, offset, side="right"))
 
 
-class ContrastivePairs(Dataset):
-    """Map-style dataset of ``{"text1", "text2", "label"}`` pairs (label 1.0 positive, 0.0 negative).
+class LabelPairs(Dataset):
+    """Pairs generated from labelled texts: ``{"text1", "text2", "label"}`` (1.0 same label, 0.0 not).
 
     Args:
         texts: the labelled texts.
@@ -388,7 +392,7 @@ def _as_set(label: Any) -> list[Hashable]:
 
 
 class PairBatchSampler:
-    """Global batches over a :class:`ContrastivePairs` (or any sized dataset) in O(1) memory.
+    """Global batches over a :class:`LabelPairs` (or any sized dataset) in O(1) memory.
 
     The shared :class:`~ember_train.data.sampler.ShardedBatchSampler` keeps a shuffled list of
     every index, which is fine for a file of examples but not for ``n²`` generated pairs. This
@@ -445,3 +449,26 @@ class PairBatchSampler:
             batch = self.global_batch(b)
             n = len(batch)
             yield batch[self.rank * n // w : (self.rank + 1) * n // w]
+
+
+class TargetPairCollator:
+    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices (or one packed row) + targets.
+
+    Both sides of every pair are tokenized together and sorted by length into the slices, so each
+    slice pads to the longest of similar texts: never more padding than one slice per side, and
+    much less when lengths vary (Banking77).
+    """
+
+    def __init__(self, encoder: Encoder, layout: BatchLayout = PADDED) -> None:
+        self.encoder = encoder
+        self.layout = layout
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [it["text1"] for it in items] + [it["text2"] for it in items]
+        slices, order = self.layout.tokenize(self.encoder, texts, None)
+        return {
+            "slices": slices,
+            "order": order,
+            "label": torch.tensor([float(it["label"]) for it in items]),
+            "token_counts": token_counts(*slices),  # on the host, before the batch moves to a GPU
+        }

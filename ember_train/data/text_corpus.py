@@ -1,8 +1,8 @@
-"""Raw text for pretraining: files or a Hub dataset, in memory or streamed, optionally packed.
+"""Raw text for pretraining: files or a Hub dataset, in memory or streamed, short texts optionally joined.
 
 Sources: JSONL/JSON/CSV/Parquet (a text column, through the shared reader), plain text files
 (``.txt``/``.txt.gz``: one document per line), a directory of either, or a Hub dataset name.
-Texts shorter than ``min_tokens`` are skipped and *counted*; with packing, consecutive short
+Texts shorter than ``min_tokens`` are skipped and *counted*; with joining, consecutive short
 texts are joined (with ``separator``) up to the token budget of one sequence. Every skipped
 row or text shows up in :meth:`CorpusStats.summary`, which the pipeline logs.
 """
@@ -155,20 +155,20 @@ def token_lengths(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], l
     return lengths
 
 
-def filter_and_pack(
+def filter_and_join(
     texts: Iterable[str],
     length_fn: Callable[[list[str]], list[int]],
     *,
     min_tokens: int = 0,
-    pack_to: int | None = None,
+    join_to: int | None = None,
     separator: str = " ",
     stats: CorpusStats | None = None,
     chunk_size: int = 512,
 ) -> Iterator[tuple[str, int]]:
-    """Drop (and count) texts under ``min_tokens``; with ``pack_to``, greedily join neighbours.
+    """Drop (and count) texts under ``min_tokens``; with ``join_to``, greedily join neighbours.
 
-    Yields ``(text, tokens)``. Packing keeps order and never splits a text: a text that does not
-    fit starts the next sequence, and one longer than ``pack_to`` stands alone (truncated later).
+    Yields ``(text, tokens)``. Joining keeps order and never splits a text: a text that does not
+    fit starts the next sequence, and one longer than ``join_to`` stands alone (truncated later).
     """
     stats = stats if stats is not None else CorpusStats()
     pending: list[str] = []
@@ -195,10 +195,10 @@ def filter_and_pack(
             if n < min_tokens:
                 stats.too_short += 1
                 continue
-            if pack_to is None:
+            if join_to is None:
                 yield emit(text, n)
                 continue
-            if pending and pending_tokens + n > pack_to:
+            if pending and pending_tokens + n > join_to:
                 yield emit(separator.join(pending), pending_tokens)
                 pending, pending_tokens = [], 0
             pending.append(text)
@@ -227,7 +227,7 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
 class StreamingBatches:
     """Batches from a text stream too large for memory, with the interface the training loop uses.
 
-    ``make_stream()`` returns a fresh iterator over the (filtered, packed) texts; it is called
+    ``make_stream()`` returns a fresh iterator over the (filtered, joined) texts; it is called
     once per pass and passes repeat until ``num_batches`` batches are out, so ``len()`` is known
     up front. Texts are dealt round-robin to ``world_size`` processes (every process yields the
     same number of batches). Order depends only on ``seed`` and the pass, so a resumed run skips

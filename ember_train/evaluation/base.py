@@ -14,12 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-TASK_TYPES = ("STS", "Classification", "Reranking", "Retrieval", "Clustering", "PairClassification")
-
 
 @runtime_checkable
 class SupportsEncode(Protocol):
-    """Anything that embeds texts: our :class:`~ember_train.encoder.Encoder`, or an adapter."""
+    """Anything that embeds texts: our :class:`~ember_train.models.Encoder`, or an adapter."""
 
     def encode(self, texts: Sequence[str], batch_size: int = ..., kind: str | None = ...) -> torch.Tensor: ...
 

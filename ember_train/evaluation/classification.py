@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -138,3 +139,36 @@ class ClassificationEvaluator(Evaluator):
                 "num_test": len(self.test_labels),
             },
         )
+
+
+def classification_scores(y_true: list[Any], y_pred: list[Any], multi_label: bool) -> dict[str, float]:
+    """Accuracy (exact match for multi-label) and macro-F1, as fractions."""
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    if multi_label:
+        binarizer = MultiLabelBinarizer().fit(list(y_true) + list(y_pred))
+        t, p = binarizer.transform(y_true), binarizer.transform(y_pred)
+        return {"accuracy": accuracy_score(t, p), "f1": f1_score(t, p, average="macro", zero_division=0)}
+    # Labels are compared as they are; macro-F1 averages over every label seen in truth or prediction.
+    return {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+    }
+
+
+def evaluate_classifier(
+    model: Any, data: Any, *, name: str, batch_size: int, threshold: float = 0.5
+) -> EvalResult:
+    """Accuracy and macro-F1 (``f1``, MTEB's name) ×100 of a classifier (a ``SetFitStyleModel``)
+    on labelled texts ``data`` (``texts``, ``labels``, ``multi_label``)."""
+    predictions = model.predict(data.texts, batch_size=batch_size, threshold=threshold)
+    fractions = classification_scores(data.labels, predictions, data.multi_label)
+    return EvalResult(
+        task_type="Classification",
+        dataset=name,
+        split="test",
+        metrics=percent(fractions),
+        main_metric="accuracy",
+        extra={"num_test": len(data), "num_labels": len(model.labels), "multi_label": data.multi_label},
+    )

@@ -10,32 +10,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ember_train.encoder import Encoder
+from ember_train.models import Encoder
 
 logger = logging.getLogger(__name__)
 
 
-def load_encoder(
-    model: str | Path,
-    *,
-    pooling: str | None = None,
-    normalize: bool | None = None,
-    max_seq_length: int | None = None,
-    query_prefix: str | None = None,
-    document_prefix: str | None = None,
-    trust_remote_code: bool = False,
-    device: str | None = None,
-) -> Encoder:
-    """An :class:`Encoder` in eval mode; ``None`` arguments keep the checkpoint's own settings."""
-    encoder = Encoder.from_pretrained(
-        model,
-        pooling=pooling,
-        normalize=normalize,
-        max_seq_length=max_seq_length,
-        query_prefix=query_prefix,
-        document_prefix=document_prefix,
-        trust_remote_code=trust_remote_code,
-    )
+def load_encoder(model: str | Path, *, device: str | None = None, **settings) -> Encoder:
+    """An :class:`Encoder` in eval mode on ``device``.
+
+    ``settings`` are :meth:`Encoder.from_pretrained`'s keyword arguments (``max_seq_length``,
+    ``pooling``, ...); those left ``None`` keep the checkpoint's own.
+    """
+    encoder = Encoder.from_pretrained(model, **settings)
     if device:
         encoder.to(device)
     logger.info(

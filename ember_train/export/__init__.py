@@ -1,5 +1,4 @@
-"""Release format: a directory that transformers and sentence-transformers both load, and its upload."""
+"""Publishing an exported model: its model card and its upload to the Hub.
 
-from ember_train.export.sentence_transformers import export_encoder
-
-__all__ = ["export_encoder"]
+The saved format itself (sentence-transformers layout) is :mod:`ember_train.models.sentence_transformers`.
+"""

@@ -9,13 +9,14 @@ Scores are copied from :class:`EvalResult` unchanged (MTEB ×100 convention).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ember_train.evaluation.base import EvalResult
+if TYPE_CHECKING:  # results are read by attribute; export does not import evaluation
+    from ember_train.evaluation.base import EvalResult
 
 # Hub dataset ids MTEB uses for tasks we reproduce offline, so the card links the real data.
 MTEB_DATASET_IDS = {
@@ -142,9 +143,13 @@ def _usage(model_name: str, pooling: str, normalize: bool, max_len: int, q_prefi
 
 def results_table(results: Sequence[EvalResult]) -> str:
     """Markdown table: task type, dataset, split, main metric, score (2 decimals, as MTEB shows)."""
+    return _table((r.task_type, r.dataset, r.split, r.main_metric, r.main_score) for r in results)
+
+
+def _table(rows: Iterable[tuple[str, str, str, str, float]]) -> str:
     lines = ["| Task | Dataset | Split | Metric | Score |", "|---|---|---|---|---:|"]
-    for r in results:
-        lines.append(f"| {r.task_type} | {r.dataset} | {r.split} | {r.main_metric} | {r.main_score:.2f} |")
+    for task_type, dataset, split, metric, score in rows:
+        lines.append(f"| {task_type} | {dataset} | {split} | {metric} | {score:.2f} |")
     return "\n".join(lines)
 
 
@@ -272,7 +277,7 @@ def update_model_card(card: str, *, model_name: str, results: Sequence[EvalResul
     section = (
         "## Evaluation\n\n"
         "Scores follow the MTEB convention (×100), measured on the splits listed with "
-        "ember-train's evaluators on this checkpoint.\n\n" + results_table(_results_from_index(merged)) + "\n"
+        "ember-train's evaluators on this checkpoint.\n\n" + _table(_rows_from_index(merged)) + "\n"
     )
     start = body.find("## Evaluation")
     if start >= 0:
@@ -288,8 +293,8 @@ def update_model_card(card: str, *, model_name: str, results: Sequence[EvalResul
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip() + "\n---\n\n" + body
 
 
-def _results_from_index(entries: Sequence[dict[str, Any]]) -> list[EvalResult]:
-    """Rebuild EvalResults (main score only) from model-index entries, for the table."""
+def _rows_from_index(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, str, float]]:
+    """Table rows (main score only) from model-index entries."""
     out = []
     for e in entries:
         metrics = {m["type"]: float(m["value"]) for m in e.get("metrics", [])}
@@ -300,13 +305,50 @@ def _results_from_index(entries: Sequence[dict[str, Any]]) -> list[EvalResult]:
             (k for k, v in metrics.items() if k != "main_score" and v == metrics["main_score"]), "main_score"
         )
         out.append(
-            EvalResult(
-                task_type=e.get("task", {}).get("type", ""),
-                dataset=d.get("name", ""),
-                split=d.get("split", ""),
-                metrics=metrics,
-                main_metric=main,
-                config=d.get("config", "default"),
+            (
+                e.get("task", {}).get("type", ""),
+                d.get("name", ""),
+                d.get("split", ""),
+                main,
+                metrics["main_score"],
             )
         )
     return out
+
+
+def classification_card_section(
+    head: Any, before: EvalResult | None, after: EvalResult | None, tuning: str
+) -> str:
+    """The SetFit-style part of a card: how the body was tuned (``tuning``), the head (a
+    ``LinearHead`` or None), accuracy/macro-F1 before and after, and how to predict."""
+    lines = ["## SetFit-style classification", ""]
+    if head is not None:
+        kind = "logistic regression (scikit-learn)" if head.kind == "logistic_regression" else "linear layer"
+        lines += [
+            f"The body was tuned on {tuning}; "
+            f"a {kind} head over {len(head.labels)} labels"
+            f"{' (multi-label)' if head.multi_label else ''} is stored in `head/`.",
+            "",
+        ]
+    if after is not None:
+        lines += ["| Model | Accuracy | Macro-F1 |", "|---|---:|---:|"]
+        if before is not None:
+            lines.append(
+                f"| before tuning (frozen body + head) | {before.metrics['accuracy']:.2f} | {before.metrics['f1']:.2f} |"
+            )
+        lines += [f"| after tuning | {after.metrics['accuracy']:.2f} | {after.metrics['f1']:.2f} |", ""]
+        lines += [f"Test set: `{after.dataset}`, {after.extra.get('num_test')} texts.", ""]
+    if head is not None:
+        lines += [
+            "```python",
+            "from ember_train.models.setfit import SetFitStyleModel",
+            "",
+            'model = SetFitStyleModel.from_pretrained("path/to/this/model")',
+            'model.predict(["a text to classify"])',
+            'model.predict_proba(["a text to classify"])',
+            "```",
+            "",
+            "or `ember-train predict path/to/this/model --text 'a text to classify' --proba`.",
+            "",
+        ]
+    return "\n".join(lines)

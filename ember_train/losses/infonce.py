@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember_train.training.distributed import gather_with_grad, is_distributed
+from ember_train.losses.gather import gather_with_grad, is_distributed
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember_train.encoder.retromae import RetroMAEOutput
+from ember_train.models.retromae import RetroMAEOutput
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,33 +9,30 @@ negatives) and the shared loop; this file reads like single-device code.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ExportConfig, ModelConfig, TrainConfig
+from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.packing import describe_batches, use_packing
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
-from ember_train.export import export_encoder
-from ember_train.export.hub import check_hub_access, push_export
-from ember_train.export.model_card import render_model_card
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
+from ember_train.models.sentence_transformers import export_encoder
+from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
 from ember_train.training.checkpoint import load_model_weights
 from ember_train.training.distributed import map_sharded
-from ember_train.training.grad_cache import StepContext, grad_cache_step
-from ember_train.training.loop import build_accelerator, train_loop
+from ember_train.training.grad_cache import slices_loss_step
+from ember_train.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +132,10 @@ def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
     runs its own backward passes (the loop is told so via ``backward_in_step``).
     """
 
-    def loss_from_embeddings(query: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    def loss_from_embeddings(embeddings: list[torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        num_query_slices = len(batch["query"])
+        query = restore_order(embeddings[:num_query_slices], batch["query_order"])
+        documents = restore_order(embeddings[num_query_slices:], batch["document_order"])
         size = query.shape[0]
         num_negatives = documents.shape[0] // size - 1  # from shapes: no read of device values
         negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
@@ -144,27 +144,12 @@ def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
     def counts(batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": float(batch["query_order"].shape[0]), **batch["token_counts"]}
 
-    def loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        query = restore_order([model(s) for s in batch["query"]], batch["query_order"])
-        documents = restore_order([model(s) for s in batch["documents"]], batch["document_order"])
-        return loss_from_embeddings(query, documents), counts(batch)
-
-    def cached_loss_step(
-        model: nn.Module, batch: dict[str, Any], ctx: StepContext
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        num_query_slices = len(batch["query"])
-
-        def loss_from_slices(embeddings: list[torch.Tensor]) -> torch.Tensor:
-            query = restore_order(embeddings[:num_query_slices], batch["query_order"])
-            documents = restore_order(embeddings[num_query_slices:], batch["document_order"])
-            return loss_from_embeddings(query, documents)
-
-        loss = grad_cache_step(
-            model, [*batch["query"], *batch["documents"]], loss_from_slices, ctx, grad_cache_chunk_size
-        )
-        return loss, counts(batch)
-
-    return cached_loss_step if grad_cache_chunk_size > 0 else loss_step
+    return slices_loss_step(
+        lambda batch: [*batch["query"], *batch["documents"]],
+        loss_from_embeddings,
+        counts,
+        grad_cache_chunk_size,
+    )
 
 
 def grouping_lengths(examples: list[PairExample], encoder: Encoder) -> list[int]:
@@ -198,25 +183,14 @@ def make_dataloader(
         dedup_keys=[(e.query, e.positive) for e in examples],
         lengths=lengths,
     )
-    collate = PairCollator(
-        encoder,
-        num_negatives=cfg.loss.num_negatives,
-        seed=cfg.seed,
-        cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
-        pack=pack,
-        padded_slices=cfg.train.padded_slices,
-    )
+    layout = BatchLayout.from_config(cfg.train, pack)
+    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed, layout=layout)
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 
 def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
-    output_dir = Path(cfg.output_dir)
-    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
-    if accelerator.is_main_process:
-        if cfg.export.hub_repo_id:
-            check_hub_access(cfg.export.hub_repo_id)
-        save_config(cfg, output_dir / "config.yaml")
+    accelerator, output_dir = start_run(cfg)
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
@@ -231,10 +205,10 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         limit=cfg.data.max_examples,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
-    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
+    layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
+    accelerator.print(f"batches: {layout.describe()}")
     dataloader = make_dataloader(
-        examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=pack
+        examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=layout.pack
     )
     notes, useless = dataloader.batch_sampler.size_warnings("pairs")
     if useless and cfg.loss.num_negatives == 0:
@@ -280,6 +254,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         "skipped_rows": bad_rows.total,
         "last_metrics": outcome["last_metrics"],
     }
+    after: list[EvalResult] = []
     if accelerator.is_main_process:
         after = run_evaluators(evaluators, encoder)
         if after:
@@ -287,36 +262,23 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
             if before is not None:
                 results["eval_before"] = [r.to_dict() for r in before]
             accelerator.print("before -> after training:\n" + describe(before, after))
-        if cfg.export.enabled:
-            export_dir = Path(cfg.export.dir or output_dir / "final")
-            card = render_model_card(
-                model_name=cfg.export.card_name(export_dir),
-                base_model=cfg.model.name_or_path,
-                results=after,
-                training=to_dict(cfg),
-                command=command,
-                data_summary=f"{len(examples)} training pairs from `{cfg.data.train}`",
-            )
-            export_encoder(encoder, export_dir, model_card=card)
-            results["export_dir"] = str(export_dir)
-            accelerator.print(f"exported to {export_dir}")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if cfg.export.hub_repo_id:
-            accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+
+    def export(export_dir: Path) -> dict[str, Any]:
+        data_summary = f"{len(examples)} training pairs from `{cfg.data.train}`"
+        card = model_card(cfg, export_dir, command=command, results=after, data_summary=data_summary)
+        export_encoder(encoder, export_dir, model_card=card)
+        accelerator.print(f"exported to {export_dir}")
+        return {"export_dir": str(export_dir)}
+
+    return finish_run(accelerator, cfg, output_dir, results, command, export)
 
 
 def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:
     """``ember-train export``: rebuild the encoder from the run's config and a checkpoint's weights."""
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     load_model_weights(encoder, checkpoint)
-    card = render_model_card(
-        model_name=cfg.export.card_name(out_dir),
-        base_model=cfg.model.name_or_path,
-        results=[],
-        training=to_dict(cfg),
-        command=f"ember-train export {checkpoint} {out_dir}",
-    )
+    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir))
     return export_encoder(encoder, out_dir, model_card=card)
+
+
+PIPELINE = Pipeline("contrastive", ContrastiveConfig, run, export_checkpoint)

@@ -14,7 +14,6 @@ Setup -> evaluate before -> train -> evaluate after -> save, top to bottom. The 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember_train.config import ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ExportConfig, ModelConfig, TrainConfig, to_dict
 from ember_train.data.masking import RetroMAECollator
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
@@ -36,17 +35,17 @@ from ember_train.data.text_corpus import (
     KeyedBatches,
     KeyedTexts,
     StreamingBatches,
-    filter_and_pack,
+    filter_and_join,
     iter_texts,
     token_lengths,
 )
-from ember_train.encoder.encoder import resolve_model_path
-from ember_train.encoder.retromae import DECODER_WEIGHTS, RetroMAEModel
-from ember_train.export import export_encoder
-from ember_train.export.hub import check_hub_access, push_export
-from ember_train.export.model_card import render_model_card
 from ember_train.losses.retromae import RetroMAELoss
-from ember_train.training.loop import build_accelerator, train_loop
+from ember_train.models.encoder import resolve_model_path
+from ember_train.models.retromae import DECODER_WEIGHTS, RetroMAEModel
+from ember_train.models.sentence_transformers import export_encoder
+from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
+from ember_train.training.checkpoint import load_model_weights
+from ember_train.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +58,8 @@ class TextDataConfig:
     streaming: bool = False  # read lazily, pass after pass (needs train.max_steps > 0); for corpora > memory
     shuffle_buffer: int = 10_000  # streaming: texts held for shuffling
     min_tokens: int = 8  # shorter texts are skipped and counted
-    pack: bool = False  # join consecutive short texts up to max_seq_length
-    pack_separator: str = " "
+    join_texts: bool = False  # join consecutive short texts up to max_seq_length (was `pack`)
+    join_separator: str = " "  # (was `pack_separator`)
     group_by_length: bool = (
         True  # in memory: batches of similar length (less padding), random at bucket level
     )
@@ -151,7 +150,7 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
 def corpus_stream(
     source: str, model: RetroMAEModel, data: TextDataConfig, stats: CorpusStats
 ) -> Iterator[tuple[str, int]]:
-    """Filtered (and packed) ``(text, tokens)`` of ``source``, read lazily."""
+    """Filtered (and joined) ``(text, tokens)`` of ``source``, read lazily."""
     tokenizer = model.tokenizer
     budget = model.encoder.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
     texts = iter_texts(
@@ -162,12 +161,12 @@ def corpus_stream(
         stats=stats,
         streaming=data.streaming,
     )
-    return filter_and_pack(
+    return filter_and_join(
         texts,
         token_lengths(tokenizer),
         min_tokens=data.min_tokens,
-        pack_to=budget if data.pack else None,
-        separator=data.pack_separator,
+        join_to=budget if data.join_texts else None,
+        separator=data.join_separator,
         stats=stats,
     )
 
@@ -280,7 +279,7 @@ def build_evaluator(
     if cfg.eval.data is None:
         return None
     eval_data = TextDataConfig(
-        train=cfg.eval.data, text_field=cfg.eval.text_field, min_tokens=cfg.data.min_tokens, pack=False
+        train=cfg.eval.data, text_field=cfg.eval.text_field, min_tokens=cfg.data.min_tokens, join_texts=False
     )
     stats = CorpusStats()
     texts = [t for t, _ in islice(corpus_stream(cfg.eval.data, model, eval_data, stats), cfg.eval.max_texts)]
@@ -310,29 +309,18 @@ def save_outputs(
     pretrained_dir: Path,
     export_dir: Path,
     command: str | None,
-    data_summary: str,
+    data_summary: str | None,
 ) -> None:
     """The MLM checkpoint + decoder, and the sentence-transformers export of the encoder."""
     model.save_pretrained(pretrained_dir)
-    card = render_model_card(
-        model_name=cfg.export.card_name(export_dir),
-        base_model=cfg.model.name_or_path,
-        results=[],
-        training=resolved_training_dict(cfg, model),
-        command=command,
-        data_summary=data_summary,
-    )
+    training = resolved_training_dict(cfg, model)
+    card = model_card(cfg, export_dir, command=command, training=training, data_summary=data_summary)
     export_encoder(model.encoder, export_dir, model_card=card)
 
 
 def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
     """Pretrain, evaluate reconstruction, save; returns what is written to ``<output_dir>/results.json``."""
-    output_dir = Path(cfg.output_dir)
-    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
-    if accelerator.is_main_process:
-        if cfg.export.hub_repo_id:
-            check_hub_access(cfg.export.hub_repo_id)
-        save_config(cfg, output_dir / "config.yaml")
+    accelerator, output_dir = start_run(cfg)
 
     model = build_model(cfg)
     accelerator.print(f"model: {model.encoder.describe(cfg.model.name_or_path)} + MLM head + decoder")
@@ -379,52 +367,31 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
         "skipped_rows": stats.bad_rows.total if stats is not None else None,
         "last_metrics": outcome["last_metrics"],
     }
-    if accelerator.is_main_process:
-        if evaluator is not None:
-            results["eval_after"] = after = evaluate()
-            if before is not None:
-                results["eval_before"] = before
-            accelerator.print("after training: " + ", ".join(f"{k}={v:.4f}" for k, v in after.items()))
-        if cfg.export.enabled:
-            pretrained_dir = Path(cfg.export.pretrained_dir or output_dir / "pretrained")
-            export_dir = Path(cfg.export.dir or output_dir / "final")
-            save_outputs(
-                model, cfg, pretrained_dir, export_dir, command, f"RetroMAE pretraining on `{cfg.data.train}`"
-            )
-            results["pretrained_dir"] = str(pretrained_dir)
-            results["export_dir"] = str(export_dir)
-            accelerator.print(
-                f"saved the MLM checkpoint + decoder to {pretrained_dir}, the encoder export to {export_dir}"
-            )
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if cfg.export.hub_repo_id:
-            accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+    if accelerator.is_main_process and evaluator is not None:
+        results["eval_after"] = after = evaluate()
+        if before is not None:
+            results["eval_before"] = before
+        accelerator.print("after training: " + ", ".join(f"{k}={v:.4f}" for k, v in after.items()))
 
-
-def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load a loop checkpoint's ``model.safetensors``; tied copies (dropped on save) may be absent."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no model.safetensors (is it an ember-train checkpoint?)")
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
-    untied = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
-    if untied or unexpected:
-        raise ValueError(
-            f"{path}: does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})"
+    def export(export_dir: Path) -> dict[str, Any]:
+        pretrained_dir = Path(cfg.export.pretrained_dir or output_dir / "pretrained")
+        save_outputs(
+            model, cfg, pretrained_dir, export_dir, command, f"RetroMAE pretraining on `{cfg.data.train}`"
         )
+        accelerator.print(
+            f"saved the MLM checkpoint + decoder to {pretrained_dir}, the encoder export to {export_dir}"
+        )
+        return {"pretrained_dir": str(pretrained_dir), "export_dir": str(export_dir)}
+
+    return finish_run(accelerator, cfg, output_dir, results, command, export)
 
 
 def export_checkpoint(cfg: RetroMAEConfig, checkpoint: Path, out_dir: Path) -> Path:
     """``ember-train export``: the encoder export in ``out_dir``, the MLM checkpoint + decoder in ``out_dir/mlm``."""
     model = build_model(cfg)
-    load_checkpoint_weights(model, checkpoint)
-    save_outputs(model, cfg, out_dir / "mlm", out_dir, f"ember-train export {checkpoint} {out_dir}", None)
+    load_model_weights(model, checkpoint)
+    save_outputs(model, cfg, out_dir / "mlm", out_dir, export_command_line(checkpoint, out_dir), None)
     return out_dir
+
+
+PIPELINE = Pipeline("retromae", RetroMAEConfig, run, export_checkpoint)

@@ -16,9 +16,7 @@ in a mid-run checkpoint is the one fitted before tuning, or at the last evaluati
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,31 +24,33 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig, save_config, to_dict
+from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig, save_config
+from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.labelled import (
     LabelledTexts,
+    ScoredPairDataset,
     ScoredPairs,
+    TextCollator,
     load_labelled,
     load_scored_pairs,
-    normalize_scores,
     sample_per_label,
+    subsample,
 )
-from ember_train.data.pairs import token_counts
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.data.setfit_pairs import ContrastivePairs, PairBatchSampler
-from ember_train.encoder import Encoder, restore_order
-from ember_train.encoder.heads import HEAD_DIR, LinearHead, fit_linear_head, fit_logistic_regression
-from ember_train.encoder.packing import describe_batches, use_packing
-from ember_train.evaluation.base import EvalResult, percent
+from ember_train.data.setfit_pairs import LabelPairs, PairBatchSampler, TargetPairCollator
+from ember_train.evaluation.base import EvalResult
+from ember_train.evaluation.classification import evaluate_classifier
 from ember_train.evaluation.sts import STSEvaluator
-from ember_train.export.hub import check_hub_access, push_export
-from ember_train.export.model_card import render_model_card
+from ember_train.export.model_card import classification_card_section
 from ember_train.losses.cosine import build_pair_loss
-from ember_train.setfit_model import SetFitStyleModel
+from ember_train.models import Encoder
+from ember_train.models.heads import HEAD_DIR, LinearHead, fit_head
+from ember_train.models.setfit import SetFitStyleModel
+from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
 from ember_train.training import zero
 from ember_train.training.checkpoint import TrainState, load_model_weights, save_checkpoint
-from ember_train.training.grad_cache import StepContext, grad_cache_step
+from ember_train.training.grad_cache import slices_loss_step
 from ember_train.training.loop import build_accelerator, train_loop
 
 logger = logging.getLogger(__name__)
@@ -129,68 +129,6 @@ class SetFitConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data for body tuning
-
-
-class ScoredPairDataset(Dataset):
-    """Scored pairs as ``{"text1", "text2", "label"}`` items, the score mapped onto [0, 1]."""
-
-    def __init__(self, pairs: ScoredPairs, score_range: list[float] | None) -> None:
-        low, high = score_range if score_range is not None else (None, None)
-        self.pairs = pairs
-        self.targets = normalize_scores(pairs.scores, low, high)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        return {"text1": self.pairs.sentence1[k], "text2": self.pairs.sentence2[k], "label": self.targets[k]}
-
-
-class TargetPairCollator:
-    """Pairs with a cosine target (1/0 or a normalised score) -> two padded slices (or one packed row) + targets.
-
-    Both sides of every pair are tokenized together and sorted by length into the slices, so each
-    slice pads to the longest of similar texts: never more padding than one slice per side, and
-    much less when lengths vary (Banking77).
-    """
-
-    def __init__(
-        self, encoder: Encoder, cut_multiple_of: int = 1, pack: bool = False, padded_slices: int = 2
-    ) -> None:
-        self.encoder = encoder
-        self.cut_multiple_of = cut_multiple_of  # the gradient cache's chunk size, when it is on
-        self.pack = pack  # one padding-free row instead of padded slices
-        self.padded_slices = padded_slices
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        texts = [it["text1"] for it in items] + [it["text2"] for it in items]
-        chunks, order = self.encoder.tokenize_sorted(
-            texts, None, self.cut_multiple_of, self.pack, self.padded_slices
-        )
-        return {
-            "chunks": chunks,
-            "order": order,
-            "label": torch.tensor([float(it["label"]) for it in items]),
-            "token_counts": token_counts(*chunks),  # on the host, before the batch moves to a GPU
-        }
-
-
-class TextCollator:
-    """Labelled texts -> tokenized features + head targets (end-to-end tuning)."""
-
-    def __init__(self, encoder: Encoder, head: LinearHead) -> None:
-        self.encoder = encoder
-        self.head = head
-
-    def __call__(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
-        return {
-            "features": self.encoder.tokenize([t for t, _ in items]),
-            "targets": self.head.targets([label for _, label in items]),
-        }
-
-
 def build_pair_dataset(
     train: LabelledTexts | None, scored: ScoredPairs | None, cfg: SetFitConfig
 ) -> tuple[Dataset, dict[str, int]]:
@@ -199,7 +137,7 @@ def build_pair_dataset(
     counts: dict[str, int] = {}
     if train is not None:
         try:
-            pairs = ContrastivePairs(
+            pairs = LabelPairs(
                 train.texts,
                 train.labels,
                 strategy=cfg.pairs.strategy,
@@ -240,23 +178,9 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
     def counts(batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": float(batch["label"].shape[0]), **batch["token_counts"]}
 
-    def loss_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        sorted_embeddings = [model(chunk, output="embedding") for chunk in batch["chunks"]]
-        return loss_from_embeddings(sorted_embeddings, batch), counts(batch)
-
-    def cached_loss_step(
-        model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = grad_cache_step(
-            model,
-            batch["chunks"],
-            lambda embeddings: loss_from_embeddings(embeddings, batch),
-            ctx,
-            grad_cache_chunk_size,
-        )
-        return loss, counts(batch)
-
-    return cached_loss_step if grad_cache_chunk_size > 0 else loss_step
+    return slices_loss_step(
+        lambda batch: batch["slices"], loss_from_embeddings, counts, grad_cache_chunk_size
+    )
 
 
 def make_head_loss_step(head: LinearHead):
@@ -267,149 +191,18 @@ def make_head_loss_step(head: LinearHead):
     return loss_step
 
 
-# ---------------------------------------------------------------------------------------------
-# Head and evaluation
+@dataclass
+class SetFitData:
+    """What a run reads: labelled texts (train, test) and/or scored pairs (tuning, STS evaluation)."""
+
+    train: LabelledTexts | None
+    test: LabelledTexts | None
+    scored: ScoredPairs | None
+    sts: STSEvaluator | None
 
 
-def fit_head(
-    encoder: Encoder, data: LabelledTexts, cfg: HeadConfig, *, seed: int, batch_size: int
-) -> LinearHead:
-    """Fit the configured head on the (frozen) body's embeddings of ``data``."""
-    embeddings = encoder.encode(data.texts, batch_size=batch_size).numpy()
-    if cfg.type == "logistic_regression":
-        return fit_logistic_regression(
-            embeddings, data.labels, multi_label=data.multi_label, C=cfg.C, max_iter=cfg.max_iter, seed=seed
-        )
-    with torch.random.fork_rng(devices=[]):  # seeded init without moving the training RNG
-        torch.manual_seed(seed)
-        head = LinearHead(encoder.dim, data.label_names(), multi_label=data.multi_label)
-    fit_linear_head(
-        head, embeddings, data.labels, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size, seed=seed,
-    )  # fmt: skip
-    return head
-
-
-def classification_scores(y_true: list[Any], y_pred: list[Any], multi_label: bool) -> dict[str, float]:
-    """Accuracy (exact match for multi-label) and macro-F1, as fractions."""
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.preprocessing import MultiLabelBinarizer
-
-    if multi_label:
-        binarizer = MultiLabelBinarizer().fit(list(y_true) + list(y_pred))
-        t, p = binarizer.transform(y_true), binarizer.transform(y_pred)
-        return {"accuracy": accuracy_score(t, p), "f1": f1_score(t, p, average="macro", zero_division=0)}
-    # Labels are compared as they are; macro-F1 averages over every label seen in truth or prediction.
-    return {
-        "accuracy": accuracy_score(y_true, y_pred),
-        "f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
-    }
-
-
-def evaluate_classifier(
-    model: SetFitStyleModel, data: LabelledTexts, *, name: str, batch_size: int, threshold: float = 0.5
-) -> EvalResult:
-    """Accuracy and macro-F1 (``f1``, MTEB's name) ×100 on ``data``."""
-    predictions = model.predict(data.texts, batch_size=batch_size, threshold=threshold)
-    fractions = classification_scores(data.labels, predictions, data.multi_label)
-    return EvalResult(
-        task_type="Classification",
-        dataset=name,
-        split="test",
-        metrics=percent(fractions),
-        main_metric="accuracy",
-        extra={"num_test": len(data), "num_labels": len(model.labels), "multi_label": data.multi_label},
-    )
-
-
-def _set_head(model: SetFitStyleModel, head: LinearHead) -> None:
-    """Copy ``head``'s weights into the model's head in place (the optimizer/DDP keep their references)."""
-    with torch.no_grad():
-        model.head.linear.weight.copy_(head.linear.weight)
-        model.head.linear.bias.copy_(head.linear.bias)
-    model.head.kind = head.kind
-
-
-def _subsample(data: LabelledTexts, limit: int | None, seed: int) -> LabelledTexts:
-    if limit is None or len(data) <= limit:
-        return data
-    rows = sorted(random.Random(seed).sample(range(len(data)), limit))
-    return data.subset(rows)
-
-
-def _pairing(cfg: SetFitConfig) -> str:
-    if cfg.pairs.num_iterations:
-        return f"{cfg.pairs.num_iterations} positive and {cfg.pairs.num_iterations} negative pairs per text"
-    return f"strategy `{cfg.pairs.strategy}`"
-
-
-def _head_card_section(
-    head: LinearHead | None,
-    before: EvalResult | None,
-    after: EvalResult | None,
-    counts: dict[str, int],
-    cfg: SetFitConfig,
-) -> str:
-    lines = ["## SetFit-style classification", ""]
-    if head is not None:
-        kind = "logistic regression (scikit-learn)" if head.kind == "logistic_regression" else "linear layer"
-        lines += [
-            f"The body was tuned on {counts.get('pairs_per_epoch', 0)} generated pairs per epoch "
-            f"({_pairing(cfg)}, loss `{cfg.pairs.loss}`); "
-            f"a {kind} head over {len(head.labels)} labels"
-            f"{' (multi-label)' if head.multi_label else ''} is stored in `head/`.",
-            "",
-        ]
-    if after is not None:
-        lines += ["| Model | Accuracy | Macro-F1 |", "|---|---:|---:|"]
-        if before is not None:
-            lines.append(
-                f"| before tuning (frozen body + head) | {before.metrics['accuracy']:.2f} | {before.metrics['f1']:.2f} |"
-            )
-        lines += [f"| after tuning | {after.metrics['accuracy']:.2f} | {after.metrics['f1']:.2f} |", ""]
-        lines += [f"Test set: `{after.dataset}`, {after.extra.get('num_test')} texts.", ""]
-    if head is not None:
-        lines += [
-            "```python",
-            "from ember_train.setfit_model import SetFitStyleModel",
-            "",
-            'model = SetFitStyleModel.from_pretrained("path/to/this/model")',
-            'model.predict(["a text to classify"])',
-            'model.predict_proba(["a text to classify"])',
-            "```",
-            "",
-            "or `ember-train predict path/to/this/model --text 'a text to classify' --proba`.",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The recipe
-
-
-def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
-    """Tune, fit the head, evaluate and export; returns what is written to ``<output_dir>/results.json``."""
-    output_dir = Path(cfg.output_dir)
-    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
-    if cfg.head.end_to_end and zero.active(accelerator):
-        # accelerate ties one DeepSpeed engine to an Accelerator (one per process): a second
-        # training phase would step the first phase's engine. Refuse before any work is done.
-        raise ConfigError(
-            "head.end_to_end is not supported under DeepSpeed (one training phase per run); use DDP"
-        )
-    if accelerator.is_main_process:
-        if cfg.export.hub_repo_id:
-            check_hub_access(cfg.export.hub_repo_id)
-        save_config(cfg, output_dir / "config.yaml")
+def load_data(cfg: SetFitConfig) -> SetFitData:
     data = cfg.data
-
-    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
-    accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
-    if cfg.train.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable()
-    encoder.to(accelerator.device)
-
     read = {"text_field": data.text_field, "label_field": data.label_field, "on_bad_rows": data.on_bad_rows}
     train = load_labelled(data.train, split=data.split, **read) if data.train else None
     if train is not None and not train.multi_label and len(train.label_names()) < 2:
@@ -423,7 +216,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         train = sample_per_label(train, data.samples_per_label, cfg.seed)
     test = load_labelled(data.test, split=data.test_split, **read) if data.test else None
     if test is not None:
-        test = _subsample(test, data.max_test_examples, cfg.seed)
+        test = subsample(test, data.max_test_examples, cfg.seed)
     scored = (
         load_scored_pairs(data.pairs, split=data.split, on_bad_rows=data.on_bad_rows) if data.pairs else None
     )
@@ -434,17 +227,56 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
             held_out.sentence1, held_out.sentence2, held_out.scores,
             name=Path(data.test_pairs).stem, batch_size=cfg.eval.batch_size,
         )  # fmt: skip
+    return SetFitData(train, test, scored, sts)
+
+
+def refuse_end_to_end_under_deepspeed(cfg: SetFitConfig):
+    def check(accelerator: Any) -> None:
+        if cfg.head.end_to_end and zero.active(accelerator):
+            # accelerate ties one DeepSpeed engine to an Accelerator (one per process): a second
+            # training phase would step the first phase's engine. Refuse before any work is done.
+            raise ConfigError(
+                "head.end_to_end is not supported under DeepSpeed (one training phase per run); use DDP"
+            )
+
+    return check
+
+
+def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
+    """Tune, fit the head, evaluate and export; returns what is written to ``<output_dir>/results.json``."""
+    accelerator, output_dir = start_run(cfg, check=refuse_end_to_end_under_deepspeed(cfg))
+
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
+    accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
+    if cfg.train.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable()
+    encoder.to(accelerator.device)
+    data = load_data(cfg)
+    train, test, sts = data.train, data.test, data.sts
     if train is not None:
         accelerator.print(f"labelled texts: {len(train)} ({len(train.label_names())} labels)")
-    test_name = Path(data.test).stem if data.test else "test"
+    test_name = Path(cfg.data.test).stem if cfg.data.test else "test"
     batch_size = cfg.eval.batch_size
+
+    def refit_head() -> LinearHead:
+        return fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size)
+
+    def evaluate(model: SetFitStyleModel) -> dict[str, EvalResult]:
+        results = {}
+        if model.head is not None and test is not None:
+            results["classification"] = evaluate_classifier(
+                model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
+            )
+        if sts is not None:
+            results["sts"] = sts(encoder)
+        return results
 
     # Before: the frozen body with a head fitted on its embeddings (every process fits the same head).
     # Nobody sees that head when there is no "before" evaluation and the only checkpoint is the
     # last one (written after the refit): then a zero head holds the label list and fitting waits.
     head = None
     if train is not None and (cfg.eval.before_training or cfg.train.checkpoint_every > 0):
-        head = fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size)
+        head = refit_head()
     elif train is not None:
         with torch.random.fork_rng(devices=[]):  # leave the training RNG (dropout) where it was
             head = LinearHead(encoder.dim, train.label_names(), multi_label=train.multi_label)
@@ -454,12 +286,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     model.to(accelerator.device)
     before: dict[str, EvalResult] = {}
     if cfg.eval.before_training and accelerator.is_main_process:
-        if head is not None and test is not None:
-            before["classification"] = evaluate_classifier(
-                model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
-            )
-        if sts is not None:
-            before["sts"] = sts(encoder)
+        before = evaluate(model)
         for result in before.values():
             accelerator.print(f"before tuning: {result}")
     if head is not None:
@@ -469,39 +296,24 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     # Body tuning on generated (and/or scored) pairs, through the shared loop.
-    dataset, counts = build_pair_dataset(train, scored, cfg)
+    dataset, counts = build_pair_dataset(train, data.scored, cfg)
     accelerator.print(f"pairs: {counts}")
-    pack = use_packing(cfg.train.pack_sequences, encoder, accelerator.device)
-    accelerator.print(f"batches: {describe_batches(pack, cfg.train.padded_slices)}")
+    layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
+    accelerator.print(f"batches: {layout.describe()}")
     sampler = PairBatchSampler(
         len(dataset), cfg.train.batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
     )  # fmt: skip
+    collate = TargetPairCollator(encoder, layout)
     dataloader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=TargetPairCollator(
-            encoder,
-            cut_multiple_of=max(cfg.train.grad_cache_chunk_size, 1),
-            pack=pack,
-            padded_slices=cfg.train.padded_slices,
-        ),
-        num_workers=cfg.train.num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers
     )
     loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)
 
     def evaluate_during() -> dict[str, float]:
-        metrics: dict[str, float] = {}
         if head is not None and test is not None:
-            _set_head(model, fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size))
-            metrics.update(
-                evaluate_classifier(
-                    model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
-                ).metrics
-            )
-        if sts is not None:
-            metrics.update(sts(encoder).metrics)
-        return metrics
+            model.load_head_weights(refit_head())
+        return {k: v for result in evaluate(model).values() for k, v in result.metrics.items()}
 
     outcome = train_loop(
         accelerator=accelerator,
@@ -524,7 +336,7 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
 
     # Head on the tuned body; the final checkpoint is written with this head.
     if head is not None:
-        _set_head(model, fit_head(encoder, train, cfg.head, seed=cfg.seed, batch_size=batch_size))
+        model.load_head_weights(refit_head())
         save_checkpoint(
             accelerator,
             output_dir,
@@ -534,14 +346,9 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
         if cfg.head.end_to_end:
             results["end_to_end"] = _tune_end_to_end(accelerator, model, train, cfg, output_dir)
 
+    after: dict[str, EvalResult] = {}
     if accelerator.is_main_process:
-        after: dict[str, EvalResult] = {}
-        if head is not None and test is not None:
-            after["classification"] = evaluate_classifier(
-                model, test, name=test_name, batch_size=batch_size, threshold=cfg.head.threshold
-            )
-        if sts is not None:
-            after["sts"] = sts(encoder)
+        after = evaluate(model)
         for key, result in after.items():
             results[f"eval_after_{key}"] = result.to_dict()
             line = f"after tuning: {result}"
@@ -549,29 +356,23 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
                 results[f"eval_before_{key}"] = before[key].to_dict()
                 line = f"{result.main_metric} before -> after: {before[key].main_score:.2f} -> {result.main_score:.2f}"
             accelerator.print(line)
-        if cfg.export.enabled:
-            export_dir = Path(cfg.export.dir or output_dir / "final")
-            card = render_model_card(
-                model_name=cfg.export.card_name(export_dir),
-                base_model=cfg.model.name_or_path,
-                results=list(after.values()),
-                training=to_dict(cfg),
-                command=command,
-                data_summary=_data_summary(train, scored, cfg),
-            )
-            card += "\n" + _head_card_section(
-                model.head, before.get("classification"), after.get("classification"), counts, cfg
-            )
-            model.save_pretrained(export_dir, model_card=card)
-            results["export_dir"] = str(export_dir)
-            accelerator.print(f"exported to {export_dir}")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if cfg.export.hub_repo_id:
-            accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+
+    def export(export_dir: Path) -> dict[str, Any]:
+        summary = _data_summary(train, data.scored, cfg)
+        card = model_card(
+            cfg, export_dir, command=command, results=list(after.values()), data_summary=summary
+        )
+        card += "\n" + classification_card_section(
+            model.head,
+            before.get("classification"),
+            after.get("classification"),
+            _tuning_summary(counts, cfg),
+        )
+        model.save_pretrained(export_dir, model_card=card)
+        accelerator.print(f"exported to {export_dir}")
+        return {"export_dir": str(export_dir)}
+
+    return finish_run(accelerator, cfg, output_dir, results, command, export)
 
 
 def _tune_end_to_end(
@@ -579,13 +380,12 @@ def _tune_end_to_end(
 ) -> dict[str, Any]:
     """Cross-entropy through body and head, starting from the head fitted on the tuned body.
 
-    This phase trains a copy of the model with its own Accelerator: the body phase's wrapper
-    (DDP under ``accelerate launch``) keeps its gradient hooks on the original parameters, and
-    this phase's checkpoints (``<output_dir>/end_to_end``) hold exactly the model it trains.
-    The tuned weights are copied back into ``model`` at the end.
+    This phase trains a copy of the model with its own Accelerator (same settings; the RNG stream
+    goes on and the run's trackers stay the body phase's): the body phase's wrapper (DDP under
+    ``accelerate launch``) keeps its gradient hooks on the original parameters, and this phase's
+    checkpoints (``<output_dir>/end_to_end``) hold exactly the model it trains. The tuned weights
+    are copied back into ``model`` at the end.
     """
-    from accelerate import Accelerator
-
     e2e_dir = output_dir / "end_to_end"
     if accelerator.is_main_process:
         save_config(cfg, e2e_dir / "config.yaml")  # so `ember-train export` finds it next to the checkpoints
@@ -593,7 +393,7 @@ def _tune_end_to_end(
     e2e_cfg.epochs = cfg.head.end_to_end_epochs
     e2e_cfg.max_steps = -1
     e2e_cfg.learning_rate = cfg.head.end_to_end_learning_rate
-    e2e_accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(e2e_dir))
+    e2e_accelerator = build_accelerator(e2e_cfg, e2e_dir, seed=None, trackers=False)
     e2e_model = copy.deepcopy(model)
     head = e2e_model.head
     head.requires_grad_(True)  # the body keeps its own flags (its unused pooler stays frozen for DDP)
@@ -629,6 +429,19 @@ def _data_summary(train: LabelledTexts | None, scored: ScoredPairs | None, cfg: 
     return "; ".join(parts)
 
 
+def _tuning_summary(counts: dict[str, int], cfg: SetFitConfig) -> str:
+    """How the body was tuned, for the card: pairs per epoch, how they were generated, the loss."""
+    if cfg.pairs.num_iterations:
+        pairing = (
+            f"{cfg.pairs.num_iterations} positive and {cfg.pairs.num_iterations} negative pairs per text"
+        )
+    else:
+        pairing = f"strategy `{cfg.pairs.strategy}`"
+    return (
+        f"{counts.get('pairs_per_epoch', 0)} generated pairs per epoch ({pairing}, loss `{cfg.pairs.loss}`)"
+    )
+
+
 def export_checkpoint(cfg: SetFitConfig, checkpoint: Path, out_dir: Path) -> Path:
     """``ember-train export``: body and head exactly as a checkpoint holds them."""
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
@@ -638,11 +451,8 @@ def export_checkpoint(cfg: SetFitConfig, checkpoint: Path, out_dir: Path) -> Pat
     head = LinearHead.load(head_dirs[0]) if head_dirs else None
     model = SetFitStyleModel(encoder, head)
     load_model_weights(model, checkpoint)
-    card = render_model_card(
-        model_name=cfg.export.card_name(out_dir),
-        base_model=cfg.model.name_or_path,
-        results=[],
-        training=to_dict(cfg),
-        command=f"ember-train export {checkpoint} {out_dir}",
-    )
+    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir))
     return model.save_pretrained(out_dir, model_card=card)
+
+
+PIPELINE = Pipeline("setfit", SetFitConfig, run, export_checkpoint)

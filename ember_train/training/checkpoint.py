@@ -294,16 +294,24 @@ def _check_rng_restored(path: Path, process_index: int) -> None:
 def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load the model weights of a checkpoint into ``model``.
 
-    accelerate writes ``model.safetensors``; under DeepSpeed the checkpoint holds DeepSpeed's
-    (ZeRO-partitioned, pickled) files instead, which DeepSpeed's own converter merges: only
-    load those from a run you trust.
+    accelerate writes ``model.safetensors``, without the second copy of tied weights (RetroMAE's
+    MLM head); under DeepSpeed the checkpoint holds DeepSpeed's (ZeRO-partitioned, pickled) files
+    instead, which DeepSpeed's own converter merges: only load those from a run you trust.
     """
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     path = checkpoint / "model.safetensors"
     if path.is_file():
-        model.load_state_dict(load_file(str(path)), strict=True)
+        state = load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        own = model.state_dict()
+        loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+        untied = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+        if untied or unexpected:
+            raise ValueError(
+                f"{path}: does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})"
+            )
         return
     if (checkpoint / "latest").is_file():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ember_train.encoder.packing import split_batch
+from ember_train.data.batching import split_batch
 from ember_train.training.distributed import global_count
 
 
@@ -109,3 +110,36 @@ def grad_cache_step(
             ctx.backward((output * (grad if job < len(jobs) else torch.zeros_like(grad))).sum())
     rng_after.restore()  # continue the RNG stream as if the chunks had run once
     return loss.detach()
+
+
+def slices_loss_step(
+    slices_of: Callable[[Any], list[dict[str, torch.Tensor]]],
+    loss_from_embeddings: Callable[[list[torch.Tensor], Any], torch.Tensor],
+    counts: Callable[[Any], dict[str, float]],
+    grad_cache_chunk_size: int = 0,
+) -> Callable:
+    """A loss step over a batch's length-sorted slices, plain or through the gradient cache.
+
+    ``slices_of(batch)`` are the forward inputs; ``loss_from_embeddings(embeddings, batch)`` maps
+    their embeddings (one tensor per slice, in order) to the loss; ``counts(batch)`` are the step's
+    metrics. With ``grad_cache_chunk_size > 0`` the step is ``(model, batch, ctx)`` and runs its own
+    backward passes (:func:`grad_cache_step`; the loop is told so by ``backward_in_step``).
+    """
+
+    def loss_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        embeddings = [model(s) for s in slices_of(batch)]
+        return loss_from_embeddings(embeddings, batch), counts(batch)
+
+    def cached_loss_step(
+        model: nn.Module, batch: Any, ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = grad_cache_step(
+            model,
+            slices_of(batch),
+            lambda embeddings: loss_from_embeddings(embeddings, batch),
+            ctx,
+            grad_cache_chunk_size,
+        )
+        return loss, counts(batch)
+
+    return cached_loss_step if grad_cache_chunk_size > 0 else loss_step

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
-from ember_train.encoder.fast_dropout import use_fast_cpu_dropout
-from ember_train.encoder.packing import HOST_KEYS
+from ember_train.data.batching import HOST_KEYS
+from ember_train.speedups import apply_speedups
 from ember_train.training import zero
 from ember_train.training.checkpoint import (
     TrainState,
@@ -36,10 +36,9 @@ from ember_train.training.checkpoint import (
     save_checkpoint,
 )
 from ember_train.training.distributed import cpu_process_group_kwargs
-from ember_train.training.embedding_grad import EmbeddingGradBuffer
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads
-from ember_train.training.logging import MetricsLogger
+from ember_train.training.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +51,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_accelerator(
-    cfg: TrainConfig, output_dir: str | Path, seed: int, run_config: dict | None = None
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    seed: int | None,
+    run_config: dict | None = None,
+    trackers: bool = True,
 ) -> Accelerator:
-    """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``."""
-    log_with = ["wandb"] if "wandb" in cfg.report_to else None
+    """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``.
+
+    A later training phase of the same run (SetFit's end-to-end tuning) passes ``seed=None`` (the
+    RNG stream goes on) and ``trackers=False`` (the run's trackers are already open).
+    """
+    log_with = ["wandb"] if "wandb" in cfg.report_to and trackers else None
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
@@ -83,7 +90,8 @@ def build_accelerator(
     if run_config is not None:  # before anything is loaded, on every process
         check_resume_config(run_config, output_dir, resolve_resume(cfg.resume, output_dir))
     # One seed on every process: identical initialisation of any new weights (heads, decoders).
-    set_seed(seed)
+    if seed is not None:
+        set_seed(seed)
     return accelerator
 
 
@@ -148,8 +156,7 @@ def train_loop(
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
-    if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
-        use_fast_cpu_dropout(model)
+    speedups = apply_speedups(model, cfg, accelerator.device, zero.active(accelerator))
     optimizer = build_optimizer(model, cfg)
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
@@ -159,9 +166,6 @@ def train_loop(
     # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
     # the prepared optimizer, inside the wrapper accelerate registered for checkpoints.
     scheduler.scheduler = schedule(optimizer)
-    embedding_grad = None
-    if cfg.fast_cpu_embedding_grad and accelerator.device.type == "cpu" and not zero.active(accelerator):
-        embedding_grad = EmbeddingGradBuffer.for_model(zero.unwrap(accelerator, model))
 
     state = TrainState()  # saved as JSON in the checkpoint marker, never pickled
     checkpoint = resolve_resume(cfg.resume, output_dir)
@@ -186,8 +190,7 @@ def train_loop(
     micro_batches: list[tuple[torch.Tensor, dict[str, Any]]] = []
     start_time = time.perf_counter()
     model.train()
-    if embedding_grad is not None:
-        embedding_grad.attach()
+    speedups.start_step()
 
     while state.step < total_steps:
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
@@ -262,8 +265,7 @@ def train_loop(
                     state.nonfinite_streak,
                 )
             optimizer.zero_grad(set_to_none=True)
-            if embedding_grad is not None:
-                embedding_grad.attach()
+            speedups.start_step()
             state.step += 1
             progress.update(1)
 
@@ -294,8 +296,7 @@ def train_loop(
         break
 
     progress.close()
-    if embedding_grad is not None:
-        embedding_grad.release()
+    speedups.release()
     if save_final_checkpoint and state.state_dict() != saved:  # not twice when the last step was saved
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
     if zero.active(accelerator):

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from ember_train.data.sampler import ShardedBatchSampler
-from ember_train.encoder import Encoder
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.models import Encoder
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.host_reads import HostReadCounter

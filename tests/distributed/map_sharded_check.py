@@ -10,7 +10,7 @@ import sys
 from accelerate import Accelerator
 
 from ember_train.data.pairs import PairExample
-from ember_train.encoder import Encoder
+from ember_train.models import Encoder
 from ember_train.pipelines.contrastive import grouping_lengths
 from ember_train.training.distributed import cpu_process_group_kwargs, map_sharded
 

@@ -10,7 +10,8 @@ state ``h`` is the sentence embedding. The decoder sees a heavily masked view an
   LayerNorm (``query_stream="embedding"``, FlagEmbedding's variant);
 * content stream ``H2``: ``[h; embeddings of the original tokens 1..L-1]``;
 * a position-specific boolean attention mask: row ``i`` sees a random sample of the decoder-masked
-  text's positions, never itself; position 0 (``h``) always; padding never.
+  text's positions, never itself; position 0 (``h``) always; padding never (drawn by the
+  collator, :func:`ember_train.data.masking.decoder_attention_mask`).
 
 The decoder and the encoder share the (tied) MLM head, so the decoder cannot learn its own
 vocabulary shortcut.
@@ -30,64 +31,18 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from ember_train.encoder.encoder import (
+from ember_train.models.encoder import (
     Encoder,
     backbone_config,
     load_backbone,
     load_tokenizer,
     weight_loading_kwargs,
 )
-from ember_train.encoder.pooling import pool
+from ember_train.models.pooling import pool
 
 QueryStream = Literal["position", "embedding"]
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_CONFIG = "decoder_config.json"
-IGNORE_INDEX = -100  # label of positions that are not scored (cross-entropy's default ignore_index)
-
-
-def decoder_attention_mask(
-    groups: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mask_ratio: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The enhanced-decoding mask, ``[B, L, L]`` booleans: ``True`` where row ``i`` may attend to ``j``.
-
-    For every target row ``i`` (a real token other than position 0) each word of the text is
-    hidden with probability ``mask_ratio``, independently per row (whole words, as in the
-    reference); then the diagonal is hidden and position 0 shown. Rows that predict nothing
-    (position 0 and padding) see position 0 only, which keeps every softmax finite.
-
-    ``groups`` is ``[B, L]`` word indices with ``-1`` for special tokens and padding (see
-    :meth:`ember_train.data.masking.WholeWordMasker.word_groups`); special tokens inside the
-    text (``[SEP]``, packing separators) are sampled as one-token words. Peak memory is two
-    boolean ``B × L × L`` tensors (the per-row word draws and the mask): no float or int64
-    ``L × L`` tensor is built.
-    """
-    if not 0 <= mask_ratio < 1:
-        raise ValueError(f"decoder mask ratio must be in [0, 1), got {mask_ratio}")
-    batch, length = attention_mask.shape
-    real = attention_mask.bool()
-    special_real = real & (groups < 0)
-    special_real[:, 0] = False
-    num_words = int(groups.max().item()) + 1 if groups.numel() else 0
-    extra = torch.cumsum(special_real.long(), dim=1) - 1 + max(num_words, 0)
-    dgroups = torch.where(special_real, extra, groups)  # -1: position 0 and padding
-    num_groups = max(int(dgroups.max().item()) + 1, 1)
-
-    keep = torch.empty(batch, length, num_groups, dtype=torch.bool, device=groups.device)
-    keep.bernoulli_(1.0 - mask_ratio, generator=generator)
-    # Stride-0 expand: gather reads the [B, L] index without materialising a B×L×L index.
-    index = dgroups.clamp(min=0)[:, None, :].expand(batch, length, length)
-    visible = keep.gather(2, index)
-    del keep
-    visible.masked_fill_((dgroups < 0)[:, None, :], False)
-    visible.diagonal(dim1=1, dim2=2).fill_(False)
-    target_rows = real.clone()
-    target_rows[:, 0] = False
-    visible.masked_fill_(~target_rows[:, :, None], False)
-    visible[:, :, 0] = True
-    return visible
 
 
 @dataclass
@@ -435,9 +390,3 @@ class RetroMAEModel(nn.Module):
         self.tokenizer.save_pretrained(directory)
         self.decoder.save(directory)
         return directory
-
-
-def mask_memory_bytes(batch_size: int, seq_len: int, num_groups: int | None = None) -> int:
-    """Peak bytes of :func:`decoder_attention_mask`'s tensors: the B×L×G word draws and the B×L×L mask."""
-    groups = seq_len if num_groups is None else num_groups
-    return batch_size * seq_len * groups + batch_size * seq_len * seq_len

@@ -4,7 +4,7 @@ The directory is the shared export (``transformers.AutoModel`` and ``SentenceTra
 the body unchanged) with the head beside it in ``head/`` (``head_config.json`` +
 ``head.safetensors``), so the same folder serves embedding users and classification users.
 
-    from ember_train.setfit_model import SetFitStyleModel
+    from ember_train.models.setfit import SetFitStyleModel
     model = SetFitStyleModel.from_pretrained("runs/setfit/final")
     model.predict(["my package does not install"])        # -> ["admin"]
     model.predict_proba(["my package does not install"])  # -> array [1, num_labels]
@@ -12,9 +12,6 @@ the body unchanged) with the head beside it in ``head/`` (``head_config.json`` +
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ember_train.encoder import Encoder
-from ember_train.encoder.heads import HEAD_DIR, LinearHead
+from ember_train.models import Encoder
+from ember_train.models.heads import HEAD_DIR, LinearHead
 
 
 class SetFitStyleModel(nn.Module):
@@ -80,58 +77,18 @@ class SetFitStyleModel(nn.Module):
             self.encode(texts, batch_size=batch_size).to(head.linear.weight.device), threshold
         )
 
+    def load_head_weights(self, head: LinearHead) -> None:
+        """Copy ``head``'s weights into this model's head in place (an optimizer and DDP keep their references)."""
+        with torch.no_grad():
+            self.head.linear.weight.copy_(head.linear.weight)
+            self.head.linear.bias.copy_(head.linear.bias)
+        self.head.kind = head.kind
+
     def save_pretrained(self, directory: str | Path, *, model_card: str | None = None) -> Path:
         """Write the body through the shared export and the head into ``<directory>/head``."""
-        from ember_train.export import export_encoder
+        from ember_train.models.sentence_transformers import export_encoder
 
         out = export_encoder(self.body, directory, model_card=model_card)
         if self.head is not None:
             self.head.save(Path(out) / HEAD_DIR)
         return Path(out)
-
-
-def _read_texts(path: str) -> list[str]:
-    """Texts to classify: one per line (``.txt``/``-`` for stdin) or a ``text`` field (JSONL/CSV/...)."""
-    if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if path.endswith(".txt"):
-        return [
-            line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
-    from ember_train.data.reader import check_text, iter_records
-
-    return [
-        check_text(rec.get("text"), source=path, row=row, field="text") for row, rec in iter_records(path)
-    ]
-
-
-def predict_command(args: argparse.Namespace) -> int:
-    """Print one JSON line per text: the text, its prediction and (``--proba``) the probabilities."""
-    model = SetFitStyleModel.from_pretrained(args.model).eval()
-    texts = list(args.text or []) + (_read_texts(args.input) if args.input else [])
-    if not texts:
-        raise SystemExit("ember-train predict: give texts with --text or --input")
-    predictions = model.predict(texts, batch_size=args.batch_size, threshold=args.threshold)
-    proba = model.predict_proba(texts, batch_size=args.batch_size) if args.proba else None
-    for i, (text, label) in enumerate(zip(texts, predictions, strict=True)):
-        record: dict[str, Any] = {"text": text, "label": label}
-        if proba is not None:
-            record["proba"] = {
-                str(name): round(float(p), 6) for name, p in zip(model.labels, proba[i], strict=True)
-            }
-        print(json.dumps(record, ensure_ascii=False))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``ember-train predict`` to the CLI."""
-    parser = subparsers.add_parser("predict", help="classify texts with an exported SetFit-style model")
-    parser.add_argument("model", help="directory written by the setfit pipeline (or save_pretrained)")
-    parser.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    parser.add_argument(
-        "--input", help="a .txt file (one text per line, - for stdin) or a JSONL/CSV file with 'text'"
-    )
-    parser.add_argument("--proba", action="store_true", help="also print every label's probability")
-    parser.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.set_defaults(handler=predict_command)

@@ -236,3 +236,21 @@ def fit_linear_head(
         history.append(total / len(x))
     head.train(was_training)
     return history
+
+
+def fit_head(encoder: Any, data: Any, cfg: Any, *, seed: int, batch_size: int) -> LinearHead:
+    """Fit the head ``cfg`` describes (a SetFit recipe's ``head`` section) on the frozen
+    ``encoder``'s embeddings of ``data`` (labelled texts: ``texts``, ``labels``, ``multi_label``)."""
+    embeddings = encoder.encode(data.texts, batch_size=batch_size).numpy()
+    if cfg.type == "logistic_regression":
+        return fit_logistic_regression(
+            embeddings, data.labels, multi_label=data.multi_label, C=cfg.C, max_iter=cfg.max_iter, seed=seed
+        )
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the training RNG
+        torch.manual_seed(seed)
+        head = LinearHead(encoder.dim, data.label_names(), multi_label=data.multi_label)
+    fit_linear_head(
+        head, embeddings, data.labels, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size, seed=seed,
+    )  # fmt: skip
+    return head

@@ -1,4 +1,4 @@
-"""Padding-free batches: the texts of a batch concatenated into one row, attention kept per text.
+"""Packed (padding-free) batches as the encoder reads them: one row of texts, attention kept per text.
 
 A padded batch spends every layer's matmuls, GELU, LayerNorm and dropout on padding tokens too,
 and slicing a batch by length to pad less means more, smaller forward calls. Packed, a side of a
@@ -11,34 +11,19 @@ padded slices per side, 1.11x with length grouping (``docs/benchmarks.md``).
 Packed features are a dict with ``input_ids`` ``[1, T]`` (texts sorted by length, concatenated),
 ``sequence_lengths`` ``[n]`` and ``group_sizes`` ``[g]``: attention groups of consecutive texts,
 each padded to its longest text inside attention (cut where that padding is least).
-:meth:`Encoder.forward <ember_train.encoder.Encoder.forward>` recognises them by
-``sequence_lengths``; a model takes them only if :func:`packing_supported` found it gives the
-padded vectors.
+:meth:`Encoder.forward <ember_train.models.Encoder.forward>` recognises them by
+``sequence_lengths``. They are made by :func:`ember_train.data.batching.tokenize_packed`; a model
+takes them only if :func:`ember_train.data.batching.packing_supported` found it gives the padded
+vectors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from ember_train.encoder.encoder import Encoder
-
 PACKED_KEY = "sequence_lengths"
-# The layout's inputs: small, read on the host to build the layout, so the training loop leaves
-# them there when it moves a batch to a GPU (reading them back would make the host wait for it).
-HOST_KEYS = (PACKED_KEY, "group_sizes")
-
-# Attention blocks per packed row. Attention work grows with a block's texts x width^2, so more
-# blocks pad less (Debian pairs, batch 32, not length-grouped: padded attention area 1.57x the
-# real one with 2 blocks, 1.27x with 3, 1.18x with 4), but every block is a dozen more operator
-# calls forward and backward. One layer's attention, forward and backward
-# (scripts/bench_attention_groups.py): 3 blocks took 0.75x the time of 2 without length grouping
-# and 0.94x with it; 4 were no better (0.75x, 1.06x).
-ATTENTION_GROUPS = 3
 
 # Model types whose absolute positions start after the padding index (fairseq convention).
 _POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"}
@@ -46,43 +31,6 @@ _POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "longformer",
 
 def is_packed(features: dict[str, torch.Tensor]) -> bool:
     return PACKED_KEY in features
-
-
-def pack_token_ids(token_ids: list[list[int]], group_sizes: list[int]) -> dict[str, torch.Tensor]:
-    """Packed features from per-text token ids (already in the order they go in) and group sizes."""
-    if sum(group_sizes) != len(token_ids):
-        raise ValueError(f"group sizes {group_sizes} do not add up to {len(token_ids)} texts")
-    return {
-        "input_ids": torch.tensor([[t for ids in token_ids for t in ids]], dtype=torch.long),
-        PACKED_KEY: torch.tensor([len(ids) for ids in token_ids], dtype=torch.long),
-        "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
-    }
-
-
-def split_batch(features: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive batches of at most ``size`` texts each (the gradient cache's chunks).
-
-    Padded features are split by rows; packed ones by texts, each chunk keeping the attention
-    groups it overlaps, cut at its own boundaries.
-    """
-    if not is_packed(features):
-        n = features["input_ids"].shape[0]
-        return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, n, size)]
-    lengths = features[PACKED_KEY].tolist()
-    group_ends = torch.cumsum(features["group_sizes"], 0).tolist()
-    token_ends = [0, *torch.cumsum(features[PACKED_KEY], 0).tolist()]
-    chunks = []
-    for start in range(0, len(lengths), size):
-        end = min(start + size, len(lengths))
-        cuts = sorted({start, end, *(e for e in group_ends if start < e < end)})
-        chunks.append(
-            {
-                "input_ids": features["input_ids"][:, token_ends[start] : token_ends[end]],
-                PACKED_KEY: features[PACKED_KEY][start:end],
-                "group_sizes": torch.tensor([b - a for a, b in pairwise(cuts)], dtype=torch.long),
-            }
-        )
-    return chunks
 
 
 def position_offset(config) -> int:
@@ -159,7 +107,7 @@ class PackedLayout:
         return torch.cat(outputs).unsqueeze(0)
 
     def pool(self, token_embeddings: torch.Tensor, mode: str) -> torch.Tensor:
-        """:func:`~ember_train.encoder.pooling.pool` for packed ``[T, D]`` token embeddings."""
+        """:func:`~ember_train.models.pooling.pool` for packed ``[T, D]`` token embeddings."""
         n, dim = self.lengths.shape[0], token_embeddings.shape[-1]
         zeros = token_embeddings.new_zeros(n, dim)
         if mode == "mean":
@@ -177,56 +125,3 @@ class PackedLayout:
             summed = zeros.index_add(0, self.text_ids, token_embeddings * weights)
             return summed / zeros[:, :1].index_add(0, self.text_ids, weights)
         raise ValueError(f"unknown pooling mode {mode!r}")
-
-
-def packing_supported(encoder: Encoder) -> bool:
-    """Whether ``encoder`` gives the same vectors packed as padded (checked once, on three texts).
-
-    Packing needs a backbone that passes attention keyword arguments to transformers'
-    attention functions and takes explicit position ids (BERT- and RoBERTa-style models do);
-    anything else is caught here by comparing vectors, not by a list of names.
-    """
-    cached = getattr(encoder, "_packing_supported", None)
-    if cached is not None:
-        return cached
-    texts = ["packing check", "a somewhat longer text to check packed sequences", "x"]
-    device = next(encoder.parameters()).device
-    modes = [(module, module.training) for module in encoder.modules()]
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            padded = encoder({k: v.to(device) for k, v in encoder.tokenize(texts).items()})
-            features, order = encoder.tokenize_packed(texts)
-            packed = encoder({k: v.to(device) for k, v in features.items()})[torch.argsort(order).to(device)]
-        supported = bool(torch.allclose(padded, packed, atol=1e-4, rtol=1e-3))
-    except Exception:  # a backbone that rejects position ids or attention kwargs
-        supported = False
-    finally:
-        for module, training in modes:
-            module.training = training
-    encoder._packing_supported = supported
-    return supported
-
-
-def use_packing(setting: bool | str, encoder: Encoder, device: torch.device) -> bool:
-    """Resolve ``train.pack_sequences`` (``"auto"``, true, false) for this encoder and device.
-
-    ``"auto"`` packs on CPU only: that is where it was measured (faster); on GPUs it is opt-in.
-    """
-    if setting is False or (setting == "auto" and device.type != "cpu"):
-        return False
-    supported = packing_supported(encoder)
-    if setting is True and not supported:
-        raise ValueError(
-            "train.pack_sequences=true, but this model does not give the same vectors on packed "
-            "(padding-free) batches as on padded ones (it needs BERT/RoBERTa-style absolute positions "
-            "and transformers' attention interface); set train.pack_sequences=false or auto"
-        )
-    return supported
-
-
-def describe_batches(pack: bool, padded_slices: int = 2) -> str:
-    """The log line that says which batch layout a run uses."""
-    if pack:
-        return "packed (padding-free, one row per side)"
-    return f"padded ({padded_slices} length-sorted slice{'s' if padded_slices > 1 else ''} per side)"

@@ -7,7 +7,7 @@ step of all-MiniLM-L6-v2 on this project's development machine
 ``scaled_dot_product_attention`` to its slowest path. Here a mask is a function of one seed (drawn
 from torch's generator) and each element's index: a 16-bit uniform from an integer hash of the
 index (``dropout_kernel.c`` defines it), compared with a threshold. For float32, a small C kernel
-(:mod:`ember_train.encoder.dropout_kernel`) computes the mask and applies it in one pass, forward
+(:mod:`ember_train.speedups.dropout_kernel`) computes the mask and applies it in one pass, forward
 and again in backward, so no mask is drawn, stored or converted; without a C compiler, and for
 other dtypes, the same mask is made as booleans. The keep probability is rounded to a multiple of
 1/65536 (0.9 becomes 0.899994) and kept values are scaled by exactly its inverse, so the
@@ -15,8 +15,8 @@ expectation of every activation is unchanged.
 
 Only the CPU changes: :func:`use_fast_cpu_dropout` is applied by the training loop when it runs
 on CPU (``train.fast_cpu_dropout``), and on any other device the modules fall back to PyTorch's
-fused kernels. The attention function here, :func:`ember_attention`, is also the one that lets
-packed (padding-free) batches attend per text (:mod:`ember_train.encoder.packing`), on every device.
+fused kernels. Attention dropout goes through :func:`seeded_dropout_attention`, which it installs
+as the attention modules' dense attention (:mod:`ember_train.models.attention`).
 """
 
 from __future__ import annotations
@@ -27,18 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
-from ember_train.encoder import dropout_kernel
+from ember_train.models.attention import DENSE_ATTENTION_ATTR, sdpa_attention_forward, use_ember_attention
+from ember_train.speedups import dropout_kernel
 
-try:  # transformers' attention registry (recent versions; developed against 5.x)
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-except ImportError:  # older transformers: only the nn.Dropout modules are swapped
-    AttentionInterface = None
-
-ATTENTION_IMPLEMENTATION = "ember"
 _LEVELS = 1 << 16
 _MAX_ELEMENTS = 1 << 33  # the hash's 32-bit counter covers two elements each
 
@@ -144,34 +136,18 @@ class FastCPUDropout(nn.Dropout):
         return fast_dropout(input, self.p, self.training)
 
 
-def ember_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    packed_layout=None,
-    **kwargs,
+def seeded_dropout_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, extended for ember-train's training batches.
+    """Dense attention whose attention-probability dropout on CPU is :func:`fast_dropout`.
 
-    - Packed (padding-free) batches: ``packed_layout`` (an
-      :class:`~ember_train.encoder.packing.PackedLayout`, passed through the backbone's keyword
-      arguments) regroups the tokens so each text attends only to itself.
-    - Attention dropout on CPU uses :func:`fast_dropout` when the attention module's own dropout
-      is a :class:`FastCPUDropout` (``train.fast_cpu_dropout``).
-
-    Without either (evaluation, other devices, or what the explicit path below does not cover:
-    causal or grouped-query attention, position biases, soft-capping) it *is* SDPA.
+    :func:`use_fast_cpu_dropout` gives it to each attention module whose dropout it swapped (the
+    module's dense attention, :func:`ember_train.models.attention.dense_attention`). It applies
+    when the module's own dropout is a :class:`FastCPUDropout`; otherwise (evaluation, other
+    devices, or what the explicit path below does not cover: causal or grouped-query attention,
+    position biases, soft-capping) it *is* SDPA.
     """
-    if packed_layout is not None:
-        out = packed_layout.attend(
-            ember_attention, module, query, key, value, dropout=dropout, scaling=scaling, **kwargs
-        )
-        return out, None
+    dropout, scaling, is_causal = kwargs.get("dropout", 0.0), kwargs.get("scaling"), kwargs.get("is_causal")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (
         dropout == 0.0
@@ -182,17 +158,7 @@ def ember_attention(
         or kwargs.get("position_bias") is not None
         or kwargs.get("softcap") is not None
     ):
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     # Scale and mask go into the score matmul (baddbmm's alpha and bias): no extra passes over the
     # [B, H, L, L] scores, forward or backward (a MiniLM step 1.04-1.06x faster than matmul,
     # multiply and where).
@@ -217,23 +183,8 @@ def ember_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-if AttentionInterface is not None:
-    AttentionInterface.register(ATTENTION_IMPLEMENTATION, ember_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
-
-
-def use_ember_attention(model: nn.Module) -> None:
-    """Give every SDPA transformers model inside ``model`` :func:`ember_attention` (idempotent).
-
-    The choice is not written to ``config.json``: a saved model loads with SDPA as before.
-    """
-    for module in model.modules() if AttentionInterface is not None else ():
-        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
-            module.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-
-
 def use_fast_cpu_dropout(model: nn.Module) -> int:
-    """Swap every ``nn.Dropout`` in ``model`` for :class:`FastCPUDropout`, with :func:`ember_attention`.
+    """Swap every ``nn.Dropout`` in ``model`` for :class:`FastCPUDropout`, with :func:`seeded_dropout_attention`.
 
     Returns how many dropout modules were swapped. Idempotent. Parameters, state dicts and saved
     configs do not change.
@@ -244,5 +195,7 @@ def use_fast_cpu_dropout(model: nn.Module) -> int:
             if type(child) is nn.Dropout:
                 setattr(parent, name, FastCPUDropout(child.p, child.inplace).train(child.training))
                 swapped += 1
+        if isinstance(getattr(parent, "dropout", None), FastCPUDropout):  # an attention module's
+            setattr(parent, DENSE_ATTENTION_ATTR, seeded_dropout_attention)
     use_ember_attention(model)
     return swapped

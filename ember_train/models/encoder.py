@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -26,16 +25,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ember_train.encoder.fast_dropout import use_ember_attention
-from ember_train.encoder.packing import (
-    ATTENTION_GROUPS,
-    PackedLayout,
-    is_packed,
-    pack_token_ids,
-    position_offset,
-)
-from ember_train.encoder.pooling import POOLING_MODES, pool
-from ember_train.encoder.st_settings import read_sentence_transformers_settings
+from ember_train.models.attention import use_ember_attention
+from ember_train.models.packing import PackedLayout, is_packed, position_offset
+from ember_train.models.pooling import POOLING_MODES, pool
+from ember_train.models.sentence_transformers import read_sentence_transformers_settings
 
 TextKind = Literal["query", "document"]
 
@@ -204,61 +197,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         ) from e
 
 
-def padding_optimal_cuts(sorted_lengths: Sequence[int], num_slices: int, multiple_of: int = 1) -> list[int]:
-    """Where to cut ascending lengths into ``min(num_slices, n)`` non-empty slices, padding least.
-
-    Each slice pads to its last (longest) length, so a slice ``[i, j)`` costs
-    ``(j - i) * sorted_lengths[j - 1]`` tokens. Returns the slices' exclusive ends (the last is
-    ``n``). The slice count depends only on ``n``, so processes that run one forward per slice
-    stay in step. Cuts save padding only where the length changes; a dynamic program over those
-    positions (at most one per distinct length, plus the equal-size cuts so that ``k`` slices
-    always exist) finds the cheapest set.
-
-    ``multiple_of > 1`` allows only cuts at multiples of it (equal-size cuts when there are too
-    few): with the gradient cache's chunk size, no chunk is split by a cut, so every process runs
-    ``ceil(n / chunk)`` chunks whatever its texts' lengths (processes with more chunks would make
-    the others replay zero-gradient chunks to stay in step, see ``grad_cache_step``).
-    """
-    n = len(sorted_lengths)
-    k = min(num_slices, n)
-    if k <= 1:
-        return [n] if n else []
-    equal = {i * n // k for i in range(1, k)}
-    if multiple_of > 1:
-        multiples = set(range(multiple_of, n, multiple_of))
-        candidates = sorted(multiples if len(multiples) >= k - 1 else equal)
-    else:
-        changes = {i for i in range(1, n) if sorted_lengths[i - 1] != sorted_lengths[i]}
-        candidates = sorted(changes | equal)
-    points = torch.tensor([0, *candidates, n], dtype=torch.float64)
-    longest = torch.tensor(
-        [0, *(sorted_lengths[p - 1] for p in candidates), sorted_lengths[-1]], dtype=torch.float64
-    )
-    # cost[i, j]: one slice from points[i] to points[j] (i < j); infinite otherwise.
-    cost = (points[None, :] - points[:, None]) * longest[None, :]
-    cost = cost.masked_fill(~torch.ones_like(cost, dtype=torch.bool).triu(1), float("inf"))
-    best = cost[0]  # best[j]: cheapest cover of [0, points[j]) with the slices so far
-    choices = []
-    for _ in range(k - 1):
-        totals = best[:, None] + cost
-        best, argbest = totals.min(dim=0)
-        choices.append(argbest)
-    ends, j = [n], len(candidates) + 1
-    for argbest in reversed(choices):
-        j = int(argbest[j])
-        ends.append(int(points[j]))
-    return ends[::-1]
-
-
-def sort_and_cut(
-    lengths: torch.Tensor, num_slices: int, multiple_of: int = 1
-) -> tuple[torch.Tensor, list[int]]:
-    """``order`` (a stable sort by length) and the ends of the slices of ``lengths[order]``
-    (:func:`padding_optimal_cuts`)."""
-    order = torch.argsort(lengths, stable=True)
-    return order, padding_optimal_cuts(lengths[order].tolist(), num_slices, multiple_of)
-
-
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of a transformers model, under either name of the API.
 
@@ -270,11 +208,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def restore_order(sorted_embeddings: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
-    """Embeddings of :meth:`Encoder.tokenize_by_length` slices, concatenated, back in text order."""
-    return torch.cat(list(sorted_embeddings))[torch.argsort(order.to(sorted_embeddings[0].device))]
 
 
 class Encoder(nn.Module):
@@ -299,7 +232,7 @@ class Encoder(nn.Module):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         self.backbone = backbone
-        use_ember_attention(backbone)  # SDPA, plus packed batches and CPU dropout in training
+        use_ember_attention(backbone)  # SDPA, plus per-text attention for packed batches
         # The backbone's own pooler (BERT's tanh layer on [CLS]) is never used: freeze it, so it
         # is still exported but DDP does not wait for gradients that never come.
         pooler = getattr(backbone, "pooler", None)
@@ -395,76 +328,6 @@ class Encoder(nn.Module):
                 return_tensors="pt",
             )
         )
-
-    def tokenize_by_length(
-        self,
-        texts: Sequence[str],
-        kind: TextKind | None = None,
-        num_chunks: int = 2,
-        cut_multiple_of: int = 1,
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """Sort by token length and pad each of ``num_chunks`` slices to its own longest text.
-
-        Returns the slices and ``order``: the rows of the slices, concatenated, are
-        ``texts[order]``. A batch mixing short and long texts pads far less this way; the slices
-        are cut where the padded total is smallest (:func:`padding_optimal_cuts`), so a few long
-        texts get a slice of their own instead of padding half the batch (``cut_multiple_of``:
-        see :func:`padding_optimal_cuts`). Tokenizes once: each slice is the batch's rows with the
-        columns beyond its longest text cut off.
-        """
-        features = self.tokenize(texts, kind)
-        lengths = features["attention_mask"].sum(dim=1)
-        order, cuts = sort_and_cut(lengths, num_chunks, cut_multiple_of)
-        left = self.tokenizer.padding_side == "left"
-        chunks, start = [], 0
-        for end in cuts:
-            rows = order[start:end]
-            width = int(lengths[rows].max())
-            columns = slice(-width, None) if left else slice(0, width)
-            chunks.append({k: v[rows][:, columns] for k, v in features.items()})
-            start = end
-        return chunks, order
-
-    def tokenize_packed(
-        self,
-        texts: Sequence[str],
-        kind: TextKind | None = None,
-        num_groups: int = ATTENTION_GROUPS,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Sort by token length and concatenate into one padding-free row (:mod:`.packing`).
-
-        Returns the packed features and ``order`` as :meth:`tokenize_by_length` does (rows of the
-        output are ``texts[order]``). Attention regroups the texts into ``num_groups`` padded
-        blocks cut where that padding is least (:func:`padding_optimal_cuts`).
-        """
-        prefix = self.prefix(kind)
-        token_ids = self.tokenizer(
-            [prefix + t for t in texts], truncation=True, max_length=self.max_seq_length
-        )["input_ids"]
-        order, cuts = sort_and_cut(torch.tensor([len(ids) for ids in token_ids]), num_groups)
-        group_sizes = [end - start for start, end in pairwise([0, *cuts])]
-        return pack_token_ids([token_ids[i] for i in order.tolist()], group_sizes), order
-
-    def tokenize_sorted(
-        self,
-        texts: Sequence[str],
-        kind: TextKind | None,
-        cut_multiple_of: int = 1,
-        pack: bool = False,
-        num_slices: int = 2,
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """A training batch's side: the inputs of its forward calls, and ``order``.
-
-        ``num_slices`` length-sorted padded slices (:meth:`tokenize_by_length`), or with ``pack`` one
-        padding-free row (:meth:`tokenize_packed`); either way ``restore_order`` puts the
-        embeddings back in text order. ``cut_multiple_of`` applies to the slices only: the gradient
-        cache splits a packed row by texts and cuts its attention groups at the chunk boundaries
-        (:func:`~ember_train.encoder.packing.split_batch`), so the groups need no constraint.
-        """
-        if pack:
-            features, order = self.tokenize_packed(texts, kind)
-            return [features], order
-        return self.tokenize_by_length(texts, kind, num_chunks=num_slices, cut_multiple_of=cut_multiple_of)
 
     def token_lengths(
         self, texts: Sequence[str], kind: TextKind | None = None, chunk_size: int = 4096

@@ -25,7 +25,7 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_records
 from ember_train.evaluation.base import SupportsEncode, encode
 from ember_train.evaluation.search import top_k
 
@@ -170,5 +171,38 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def stats_dict(stats: MiningStats) -> dict[str, int]:
-    return asdict(stats)
+def read_pair_rows(
+    path: str, *, query: str, pos: str, on_bad_rows: str
+) -> tuple[list[dict[str, Any]], BadRows]:
+    """Rows with a valid query and positive(s); every other field is kept as is."""
+    bad = BadRows()
+    rows = []
+    for row, record in iter_records(path, on_error=lambda e: handle_bad_row(e, on_bad_rows, bad)):
+        try:
+            check_text(record.get(query), source=path, row=row, field=query)
+            value = record.get(pos)
+            values = [value] if isinstance(value, str) or value is None else value
+            if not isinstance(values, list) or not values:
+                raise DataError(path, row, f"field {pos!r} must be a string or a non-empty list of strings")
+            for i, v in enumerate(values):
+                check_text(v, source=path, row=row, field=pos if isinstance(value, str) else f"{pos}[{i}]")
+        except DataError as e:
+            handle_bad_row(e, on_bad_rows, bad)
+            continue
+        rows.append(record)
+    if not rows:
+        raise DataError(path, None, f"no usable pairs ({bad.summary()})")
+    return rows, bad
+
+
+def read_corpus(path: str, *, field: str, on_bad_rows: str) -> list[str]:
+    bad = BadRows()
+    texts = []
+    for row, record in iter_records(path, on_error=lambda e: handle_bad_row(e, on_bad_rows, bad)):
+        try:
+            texts.append(check_text(record.get(field), source=path, row=row, field=field))
+        except DataError as e:
+            handle_bad_row(e, on_bad_rows, bad)
+    if bad.total:
+        logger.warning("%s: %s", path, bad.summary())
+    return texts

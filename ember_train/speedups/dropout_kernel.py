@@ -5,7 +5,7 @@ directory and called through :mod:`ctypes`: no PyTorch headers, no build step at
 a compile of well under a second. The library's name carries a hash of the source, the compiler and
 its flags, so a changed kernel or compiler builds a new one, and a shared cache never hands a
 process a stale library. Where no compiler works, :func:`load` returns ``None`` (with one warning)
-and :mod:`ember_train.encoder.fast_dropout` draws the same masks with NumPy, more slowly.
+and :mod:`ember_train.speedups.dropout` draws the same masks with NumPy, more slowly.
 
 Cache directory: ``$EMBER_TRAIN_CACHE``, else ``$XDG_CACHE_HOME/ember_train``, else
 ``~/.cache/ember_train``.
