@@ -25,7 +25,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # never run Hub code unless the user asks
     allow_pickle_weights: bool = False  # read pytorch_model.bin (pickle) when there is no safetensors
     # Attention-probability dropout in training; null = the checkpoint's (BERT-style: 0.1). 0 lets
-    # CPU attention use SDPA's fused kernel (README "Training on a CPU").
+    # CPU attention use SDPA's fused kernel (docs/performance.md).
     attention_dropout: float | None = None
 
     def __post_init__(self) -> None:

@@ -34,9 +34,9 @@ HOST_KEYS = (PACKED_KEY, "group_sizes")
 # Attention blocks per packed row. Attention work grows with a block's texts x width^2, so more
 # blocks pad less (Debian pairs, batch 32, not length-grouped: padded attention area 1.57x the
 # real one with 2 blocks, 1.27x with 3, 1.18x with 4), but every block is a dozen more operator
-# calls forward and backward. One layer's attention, forward and backward
-# (scripts/bench_attention_groups.py): 3 blocks took 0.75x the time of 2 without length grouping
-# and 0.94x with it; 4 were no better (0.75x, 1.06x).
+# calls forward and backward. One layer's attention, forward and backward (a probe since removed:
+# git show 9e4d933:scripts/bench_attention_groups.py): 3 blocks took 0.75x the time of 2 without
+# length grouping and 0.94x with it; 4 were no better (0.75x, 1.06x).
 ATTENTION_GROUPS = 3
 
 

@@ -3,7 +3,7 @@
 PyTorch draws a CPU dropout mask with ``bernoulli_``: one double-precision sample per element,
 on one thread on CPUs where it does not use MKL (AMD, for one). That was 14% of a contrastive
 step of all-MiniLM-L6-v2 on this project's development machine
-(``scripts/profile_contrastive_step.py``), and attention-probability dropout also sends
+(``python -m benchmarks.profile_contrastive_step``), and attention-probability dropout also sends
 ``scaled_dot_product_attention`` to its slowest path. Here a mask is a function of one seed (drawn
 from torch's generator) and each element's index: a 16-bit uniform from an integer hash of the
 index (``dropout_kernel.c`` defines it), compared with a threshold. For float32, a small C kernel

@@ -3,7 +3,7 @@
 On a GPU every such read (``loss.item()``, ``float(mask.sum())``, ``if tensor:``, ``.tolist()``)
 makes the host wait until the GPU has caught up, so it cannot queue the next kernels meanwhile.
 A CPU run shows the same calls: this counter intercepts the tensor methods that convert to Python
-values, which is what the tests and ``scripts/profile_contrastive_step.py --count-host-reads``
+values, which is what the tests and ``python -m benchmarks.profile_contrastive_step --count-host-reads``
 use to keep the count per training step small without a GPU.
 """
 
