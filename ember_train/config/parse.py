@@ -172,20 +172,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path, warn_changes: bool = True) -> None:
     """Write the resolved config so a run's directory describes the run.
 
     An output directory that already holds another run's config gets a warning naming what
     changed: ``train.resume: auto`` would continue that run's checkpoints with this config.
+    (The ember recipe warns per stage instead: ``warn_changes=False``.)
     """
     path = Path(path)
     data = to_dict(cfg)
-    if path.is_file():
+    if warn_changes and path.is_file():
         try:
             previous = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
             previous = None
-        changes = _changed_keys(previous, data) if isinstance(previous, dict) else ["(unreadable)"]
+        changes = changed_keys(previous, data) if isinstance(previous, dict) else ["(unreadable)"]
         changes = [c for c in changes if not c.startswith("train.resume:")]  # how, not what, is trained
         if changes:
             shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
@@ -200,13 +201,13 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ, as ``key: old -> new``."""
     changes = []
     for key in sorted(set(old) | set(new), key=str):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _changed_keys(a, b, f"{prefix}{key}.")
+            changes += changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes

@@ -29,6 +29,9 @@ class Pipeline:
     config_class: type
     run: Callable[..., dict[str, Any]]  # run(cfg, command=None) -> results
     export_checkpoint: Callable[[Any, Path, Path], Path]  # (cfg, checkpoint, out_dir) -> exported dir
+    # check(cfg, source): checks beyond each key's type, raising ConfigError (the ember recipe
+    # builds every stage's config here, so a bad stage key stops before anything is loaded)
+    check_config: Callable[[Any, str], None] | None = None
 
 
 def start_run(cfg: Any, check: Callable[[Accelerator], None] | None = None) -> tuple[Accelerator, Path]:
@@ -56,6 +59,7 @@ def model_card(
     results: list | None = None,
     training: dict[str, Any] | None = None,
     data_summary: str | None = None,
+    stages: list[dict[str, Any]] | None = None,
 ) -> str:
     """The export's README: the config as run (``training``, default the whole config) and results."""
     return render_model_card(
@@ -65,6 +69,7 @@ def model_card(
         training=to_dict(cfg) if training is None else training,
         command=command,
         data_summary=data_summary,
+        stages=stages,
     )
 
 
