@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.state import PartialState
 
 from ember_train.config import (
     ConfigError,
@@ -56,7 +57,7 @@ from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import read_sentence_transformers_settings
 from ember_train.pipelines import contrastive, retromae
 from ember_train.pipelines.contrastive import ContrastiveConfig, PairDataConfig
-from ember_train.pipelines.recipe import Pipeline, model_card
+from ember_train.pipelines.recipe import Pipeline, chained_runs, model_card
 from ember_train.pipelines.retromae import RetroMAEConfig
 from ember_train.training.distributed import map_sharded
 from ember_train.training.loop import build_accelerator
@@ -439,7 +440,8 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
         if stage.key == "mining":
             mine(stage.cfg, cfg.train)
         else:
-            _PIPELINES[stage.key].run(stage.cfg, command=command)
+            with chained_runs():  # the process group stays open for the next stage
+                _PIPELINES[stage.key].run(stage.cfg, command=command)
         ran.add(stage.name)
 
     rows = [stage_summary(s, s.name in ran) for s in enabled]
@@ -454,6 +456,8 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
         print_summary(rows)
         if cfg.export.hub_repo_id and final.export_dir is not None:
             print(f"uploaded {final.export_dir} to {push_export(final.export_dir, cfg.export, command)}")
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()  # what each stage's end_training() left open
     return results
 
 
