@@ -100,14 +100,15 @@ def test_every_stage_runs_and_feeds_the_next(full_run, tiny_bert_path):
 
 def test_a_rerun_skips_done_stages_and_names_changed_keys(full_run, capsys, caplog):
     config, out, _ = full_run
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*/results.json")}
+    kept = [*(out / "stages").glob("*/results.json"), out / "config.yaml", out / "final/README.md"]
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
     capsys.readouterr()
     with caplog.at_level("WARNING", logger="ember_train.pipelines.ember"):
         results = run(load_config(str(config), ["contrastive.loss.temperature=0.5"]))
     screen = capsys.readouterr().out
     for stage in ("retromae", "mining", "contrastive"):
         assert f"{stage}: done" in screen and "skipped" in screen
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing redone
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing redone, nor re-described
     assert not any(row["ran"] for row in results["stages"])
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "contrastive.loss.temperature: 0.02 -> 0.5" in warnings[0]

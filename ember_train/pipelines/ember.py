@@ -417,10 +417,14 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
                     f"stage {stage.name} is to run, but {later[0].dir} holds outputs made from its earlier "
                     "output; delete it (and the stages after it) to redo them, or use train.resume=none"
                 )
+    # Done stages whose config changed since: kept as they are, and named.
+    changed = {s.name: changes_since(s) for s in enabled if resume and s.done()}
+    changed = {name: keys for name, keys in changed.items() if keys}
     if _is_main_process():
         if cfg.export.hub_repo_id:
             check_hub_access(cfg.export.hub_repo_id)
-        save_config(cfg, output_dir / "config.yaml", warn_changes=False)  # each stage warns for itself
+        if not changed:  # else the saved config stays that of the run that made the outputs
+            save_config(cfg, output_dir / "config.yaml", warn_changes=False)  # stages warn for themselves
 
     ran: set[str] = set()
     for number, stage in enumerate(stages, 1):
@@ -429,11 +433,11 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
             continue
         if resume and stage.done():
             _say(f"== stage {number}/3 {stage.key}: done ({stage.dir / 'results.json'}), skipped")
-            if _is_main_process() and (changes := changes_since(stage)):
+            if _is_main_process() and stage.name in changed:
                 logger.warning(
                     "stage %s is done but its config changed since (%s); it is not redone. Delete %s to "
                     "redo it and the stages after it.",
-                    stage.name, ", ".join(changes), stage.dir,
+                    stage.name, ", ".join(changed[stage.name]), stage.dir,
                 )  # fmt: skip
             continue
         _say(f"== stage {number}/3 {stage.key}: {stage.cfg.model.name_or_path} -> {stage.dir}")
@@ -450,7 +454,7 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
     if final.export_dir is not None:
         results["export_dir"] = str(final.export_dir)
     if _is_main_process():
-        if final.export_dir is not None:
+        if final.export_dir is not None and (ran or not changed):  # a card of the config that made it
             write_card(cfg, final, rows, command)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         print_summary(rows)
