@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ember_train.config import ConfigError, from_dict, read_yaml
+from ember_train.config import ConfigError, read_yaml
 from ember_train.data.reader import DataError, check_text, iter_records
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,10 @@ def export_command(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     config_path = Path(args.config) if args.config else checkpoint.parent.parent / "config.yaml"
     data = read_yaml(config_path)
-    from ember_train.pipelines import get_pipeline
+    from ember_train.pipelines import get_pipeline, parse_config
 
-    pipeline = get_pipeline(data.get("task", ""), source=str(config_path))
-    cfg = from_dict(pipeline.config_class, data, source=str(config_path))
+    cfg = parse_config(data, source=str(config_path))
+    pipeline = get_pipeline(cfg.task)
     if args.hub_repo_id:  # the config's own export.hub_repo_id is for its training run, not this command
         from ember_train.export.hub import check_hub_access
 

@@ -3,6 +3,7 @@
 from ember_train.config.parse import (
     ConfigError,
     apply_overrides,
+    changed_keys,
     from_dict,
     read_yaml,
     save_config,
@@ -16,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "changed_keys",
     "from_dict",
     "read_yaml",
     "save_config",

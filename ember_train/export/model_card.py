@@ -161,12 +161,14 @@ def render_model_card(
     training: Mapping[str, Any],
     command: str | None,
     data_summary: str | None = None,
+    stages: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """Render README.md: YAML front matter (parsable by ``yaml.safe_load``) + a human body.
 
     ``training`` is the run's config as a dict (credentials are dropped before anything is
     written); pooling, normalisation, prefixes and max length are read from ``training["model"]``
-    so the usage snippets reproduce the exported vectors.
+    so the usage snippets reproduce the exported vectors. ``stages`` (a multi-stage recipe) are
+    rows with ``stage``, ``data``, ``steps``, ``train_seconds`` and ``metrics`` (a short text).
     """
     training = scrub_secrets(dict(training))
     pooling = str(_lookup(training, "pooling", "mean"))
@@ -212,6 +214,8 @@ def render_model_card(
             "",
         ]
     parts += ["## Training", ""]
+    if stages:
+        parts += [stages_table(stages), ""]
     if command:
         parts += ["Command:", "", "```bash", command, "```", ""]
     parts += [
@@ -223,6 +227,18 @@ def render_model_card(
         "",
     ]
     return "\n".join(parts)
+
+
+def stages_table(stages: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of a recipe's stages, in the order they ran."""
+    lines = ["| Stage | Data | Steps | Time (s) | Metrics (before → after) |", "|---|---|---:|---:|---|"]
+    for s in stages:
+        seconds = s.get("train_seconds")
+        lines.append(
+            f"| {s['stage']} | {s.get('data') or ''} | {s.get('steps') if s.get('steps') is not None else ''} "
+            f"| {f'{seconds:.0f}' if seconds is not None else ''} | {s.get('metrics') or ''} |"
+        )
+    return "\n".join(lines)
 
 
 def is_hub_model_id(name: str) -> bool:

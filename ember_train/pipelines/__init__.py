@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 # Modules are imported lazily so that one broken optional dependency does not stop the others.
 _REGISTRY: dict[str, str] = {
     "contrastive": "ember_train.pipelines.contrastive",
+    "ember": "ember_train.pipelines.ember",
     "retromae": "ember_train.pipelines.retromae",
     "setfit": "ember_train.pipelines.setfit",
 }
@@ -25,14 +26,22 @@ def get_pipeline(task: str, source: str = "<config>") -> Pipeline:
     return importlib.import_module(_REGISTRY[task]).PIPELINE
 
 
-def load_config(path: str, overrides: list[str] | None = None):
-    """Read ``path``, apply overrides, and build the config class of the pipeline named by ``task``."""
-    data = apply_overrides(read_yaml(path), list(overrides or []))
+def parse_config(data: dict, source: str = "<config>"):
+    """The config class of the pipeline named by ``task``, built from ``data`` and checked."""
     task = data.get("task")
     if task is None:
-        raise ConfigError(f"{path}: missing required key 'task' (contrastive, retromae or setfit)")
-    pipeline = get_pipeline(task, source=str(path))
+        raise ConfigError(f"{source}: missing required key 'task' (one of {sorted(_REGISTRY)})")
+    pipeline = get_pipeline(task, source=source)
+    cfg = from_dict(pipeline.config_class, data, source=source)
+    if pipeline.check_config is not None:
+        pipeline.check_config(cfg, source)
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None):
+    """Read ``path``, apply overrides, and build the config class of the pipeline named by ``task``."""
+    overrides = list(overrides or [])
     try:
-        return from_dict(pipeline.config_class, data, source=str(path))
+        return parse_config(apply_overrides(read_yaml(path), overrides), source=str(path))
     except ConfigError as e:
-        raise blame_override(e, str(path), list(overrides or [])) from None
+        raise blame_override(e, str(path), overrides) from None

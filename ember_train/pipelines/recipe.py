@@ -8,7 +8,8 @@ and evaluation, between :func:`start_run` (accelerator, Hub access check, ``conf
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,24 @@ class Pipeline:
     config_class: type
     run: Callable[..., dict[str, Any]]  # run(cfg, command=None) -> results
     export_checkpoint: Callable[[Any, Path, Path], Path]  # (cfg, checkpoint, out_dir) -> exported dir
+    # check(cfg, source): checks beyond each key's type, raising ConfigError (the ember recipe
+    # builds every stage's config here, so a bad stage key stops before anything is loaded)
+    check_config: Callable[[Any, str], None] | None = None
+
+
+_chained = False  # inside chained_runs(): finish_run leaves the process group open
+
+
+@contextmanager
+def chained_runs() -> Iterator[None]:
+    """Recipe runs inside share this process's process group: the ember recipe runs one recipe
+    per stage, and a process group that ``end_training`` closed cannot be opened again."""
+    global _chained
+    before, _chained = _chained, True
+    try:
+        yield
+    finally:
+        _chained = before
 
 
 def start_run(cfg: Any, check: Callable[[Accelerator], None] | None = None) -> tuple[Accelerator, Path]:
@@ -56,6 +75,7 @@ def model_card(
     results: list | None = None,
     training: dict[str, Any] | None = None,
     data_summary: str | None = None,
+    stages: list[dict[str, Any]] | None = None,
 ) -> str:
     """The export's README: the config as run (``training``, default the whole config) and results."""
     return render_model_card(
@@ -65,6 +85,7 @@ def model_card(
         training=to_dict(cfg) if training is None else training,
         command=command,
         data_summary=data_summary,
+        stages=stages,
     )
 
 
@@ -92,5 +113,9 @@ def finish_run(
         if cfg.export.hub_repo_id:
             accelerator.print(f"uploaded {export_dir} to {push_export(export_dir, cfg.export, command)}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if _chained:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
     return results

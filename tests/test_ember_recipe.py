@@ -1,0 +1,189 @@
+"""The ember recipe on a tiny BERT: stages chained, done stages skipped, exact resume, config checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, two_process_launch
+from safetensors.torch import load_file
+
+from ember_train.config import ConfigError
+from ember_train.pipelines import load_config
+from ember_train.pipelines.ember import run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """40 training pairs and 12 held-out pairs of the Debian sample."""
+    root = tmp_path_factory.mktemp("ember-data")
+    rows = (REPO / "data/quickstart/train.jsonl").read_text().splitlines()
+    dev = (REPO / "data/quickstart/dev.jsonl").read_text().splitlines()
+    (root / "train.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    (root / "dev.jsonl").write_text("\n".join(dev[:12]) + "\n")
+    return {"train": root / "train.jsonl", "dev": root / "dev.jsonl"}
+
+
+def write_config(path: Path, model: Path, data: dict[str, Path], output_dir: Path, **sections) -> Path:
+    """A three-stage recipe: 2 RetroMAE steps, 2 mined negatives, 3 contrastive steps."""
+    cfg = {
+        "task": "ember",
+        "output_dir": str(output_dir),
+        "seed": 5,
+        "model": {"name_or_path": str(model), "pooling": "mean", "max_seq_length": 24},
+        "train": {"batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "keep_checkpoints": 5},
+        "retromae": {
+            "data": {"train": str(data["train"]), "text_field": "pos", "min_tokens": 2},
+            "train": {"max_steps": 2},
+            "eval": {"data": str(data["dev"]), "text_field": "pos", "max_texts": 8},
+        },
+        # A random model scores everything alike: no near-duplicate filter, so every query gets negatives.
+        "mining": {"num_negatives": 2, "rank_window": [0, 20], "margin": -1.0, "max_score_ratio": None},
+        "contrastive": {
+            "data": {"train": str(data["train"])},
+            "train": {"max_steps": 3, "checkpoint_every": 2},
+            "eval": {"data": str(data["dev"])},
+        },
+    }
+    for key, value in sections.items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_bert_path, tiny_data, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One run of the three stages: (config path, output dir, results)."""
+    root = tmp_path_factory.mktemp("ember-run")
+    config = write_config(root / "ember.yaml", tiny_bert_path, tiny_data, root / "run")
+    return config, root / "run", run(load_config(str(config)))
+
+
+def test_every_stage_runs_and_feeds_the_next(full_run, tiny_bert_path):
+    _, out, results = full_run
+    stages = {row["stage"]: row for row in results["stages"]}
+    assert list(stages) == ["1-retromae", "2-mining", "3-contrastive"]
+    retromae_export = str(out / "stages/1-retromae/final")
+    assert stages["1-retromae"]["model_in"] == str(tiny_bert_path)
+    assert stages["1-retromae"]["model_out"] == retromae_export
+    assert stages["2-mining"]["model_in"] == retromae_export  # mined with the current model
+    assert stages["3-contrastive"]["model_in"] == retromae_export
+    assert stages["3-contrastive"]["model_out"] == str(out / "final")
+    assert [stages[s]["steps"] for s in stages] == [2, None, 3]
+    assert all(row["ran"] and row["train_seconds"] >= 0 for row in stages.values())
+    assert stages["1-retromae"]["metrics_before"] and stages["3-contrastive"]["metrics_after"]
+
+    # The contrastive stage trained on the mined pairs, two negatives per query.
+    mined = [json.loads(line) for line in (out / "stages/2-mining/pairs.jsonl").read_text().splitlines()]
+    assert len(mined) == 40 and all(len(row["neg"]) == 2 for row in mined)
+    contrastive_cfg = yaml.safe_load((out / "stages/3-contrastive/config.yaml").read_text())
+    assert contrastive_cfg["data"]["train"] == str(out / "stages/2-mining/pairs.jsonl")
+    assert contrastive_cfg["loss"]["num_negatives"] == 2
+    assert contrastive_cfg["model"]["name_or_path"] == retromae_export
+
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    card = (out / "final/README.md").read_text()
+    for stage in stages:
+        assert f"| {stage} |" in card
+    assert "task: ember" in card and (out / "final/modules.json").is_file()
+
+
+def test_a_rerun_skips_done_stages_and_names_changed_keys(full_run, capsys, caplog):
+    config, out, _ = full_run
+    kept = [*(out / "stages").glob("*/results.json"), out / "config.yaml", out / "final/README.md"]
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="ember_train.pipelines.ember"):
+        results = run(load_config(str(config), ["contrastive.loss.temperature=0.5"]))
+    screen = capsys.readouterr().out
+    for stage in ("retromae", "mining", "contrastive"):
+        assert f"{stage}: done" in screen and "skipped" in screen
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing redone, nor re-described
+    assert not any(row["ran"] for row in results["stages"])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "contrastive.loss.temperature: 0.02 -> 0.5" in warnings[0]
+
+
+def test_an_interrupted_contrastive_stage_resumes_exactly(tiny_bert_path, tiny_data, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run", retromae={"enabled": False}
+    )
+    run(load_config(str(config)))
+    stage = tmp_path / "run/stages/3-contrastive"
+    straight = load_file(str(tmp_path / "run/final/model.safetensors"))
+    # Interrupted after the step-2 checkpoint: no step-3 checkpoint, no results, no export.
+    shutil.rmtree(stage / "checkpoints/step_0000003")
+    shutil.rmtree(tmp_path / "run/final")
+    (stage / "results.json").unlink()
+
+    capsys.readouterr()
+    results = run(load_config(str(config)))
+    assert [row["ran"] for row in results["stages"]] == [False, True]  # mining kept, contrastive resumed
+    assert "step_0000002 at step 2" in capsys.readouterr().out
+    resumed = load_file(str(tmp_path / "run/final/model.safetensors"))
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_bad_stage_key_stops_before_anything_runs(tiny_bert_path, tiny_data, tmp_path):
+    config = write_config(tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"unknown key 'contrastive\.train\.lerning_rate'"):
+        load_config(str(config), ["contrastive.train.lerning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'retromae\.retromae\.mask_ratio'"):
+        load_config(str(config), ["retromae.retromae.mask_ratio=0.3"])
+    with pytest.raises(ConfigError, match=r"mining: num_negatives must be >= 1"):
+        load_config(str(config), ["mining.num_negatives=0"])
+    with pytest.raises(ConfigError, match=r"contrastive\.model\.name_or_path is set by the ember recipe"):
+        load_config(str(config), ["contrastive.model.name_or_path=other"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision differs between stages"):
+        load_config(str(config), ["retromae.train.mixed_precision=bf16"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_disabled_stages_are_skipped(tiny_bert_path, tiny_data, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run",
+        retromae={"enabled": False}, mining=None,
+    )  # fmt: skip
+    results = run(load_config(str(config)))
+    screen = capsys.readouterr().out
+    assert "retromae: disabled" in screen and "mining: disabled" in screen
+    (row,) = results["stages"]
+    assert row["stage"] == "3-contrastive" and row["model_in"] == str(tiny_bert_path)
+    assert row["data"].endswith(f"`{tiny_data['train']}`")
+    assert not (tmp_path / "run/stages/1-retromae").exists()
+
+
+def test_a_stage_to_redo_refuses_later_stages_made_from_its_old_output(tiny_bert_path, tiny_data, tmp_path):
+    config = write_config(tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run")
+    (tmp_path / "run/stages/3-contrastive/checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"stage 1-retromae is to run, but .*3-contrastive holds outputs"):
+        run(load_config(str(config)))
+
+
+@pytest.mark.slow
+def test_two_processes_run_every_stage(tiny_bert_path, tiny_data, tmp_path):
+    config = write_config(tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run")
+    cmd, env = two_process_launch(REPO / "train.py", "--config", config)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert [row["steps"] for row in results["stages"]] == [2, None, 3]
+    mined = (tmp_path / "run/stages/2-mining/pairs.jsonl").read_text().splitlines()
+    assert len(mined) == 40 and all(len(json.loads(line)["neg"]) == 2 for line in mined)
+    assert (tmp_path / "run/final/modules.json").is_file()
+
+    # A second launch skips every stage on both processes.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("done (") == 3
