@@ -8,6 +8,10 @@ Each revision is checked out into a temporary git worktree and run with its own 
 and settings on Debian short -> long pairs. Runs alternate A, B, B, A, ... so the machine's drift
 hits both; each run's first ``--warmup-steps`` steps are not timed. Prints samples/s per run and the
 ratio B/A per repeat.
+
+On a busy machine use ``--threads 1 --clock cpu``: each step is then timed by the CPU time the
+training process spent on it (``/proc/PID/stat``, read as each step's log line appears), which other
+processes on the machine do not inflate the way they inflate wall time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.common import DEBIAN_TRAIN, MODEL, REPO, load_debian_pairs, markdown_table, write_jsonl
@@ -44,13 +49,42 @@ def run_once(tree: Path, pairs: Path, out: Path, args: argparse.Namespace) -> fl
     )
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
-    subprocess.run(
-        [sys.executable, str(tree / "train.py"), "--config", str(cfg)], check=True, env=env, cwd=tree
-    )
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "samples_per_s" in r][args.warmup_steps :]
-    seconds = sum(args.batch_size / r["samples_per_s"] for r in timed)
-    return args.batch_size * len(timed) / seconds
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # both revisions keep an explicit OMP_NUM_THREADS
+    command = [sys.executable, str(tree / "train.py"), "--config", str(cfg)]
+    log = out / "run" / "metrics.jsonl"
+    if args.clock == "cpu":
+        step_seconds = _cpu_seconds_per_step(subprocess.Popen(command, env=env, cwd=tree), log)
+    else:
+        subprocess.run(command, check=True, env=env, cwd=tree)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        step_seconds = [args.batch_size / r["samples_per_s"] for r in records if "samples_per_s" in r]
+    timed = step_seconds[args.warmup_steps :]
+    return args.batch_size * len(timed) / sum(timed)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds_per_step(process: subprocess.Popen, log: Path) -> list[float]:
+    """CPU seconds between consecutive training-step log lines (``log_every: 1``) of a running process."""
+    marks: list[float] = []
+    seen = 0
+    while process.poll() is None:
+        steps = (
+            sum(1 for line in log.read_text().splitlines() if "samples_per_s" in line) if log.exists() else 0
+        )
+        if steps > seen:
+            cpu = _process_cpu_seconds(process.pid)
+            marks += [cpu] * (steps - seen)  # a missed step shares the reading; it only blurs one pair
+            seen = steps
+        time.sleep(0.02)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
 def main() -> None:
@@ -66,6 +100,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: every core)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time steps by wall clock (the loop's samples/s) or by the process's CPU time",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ember-revisions-") as tmp:

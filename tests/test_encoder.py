@@ -1,7 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import minilm_dir
 
 from ember_train.models import Encoder, pool
+from ember_train.models.sentence_transformers import read_sentence_transformers_settings
 
 
 def test_mean_pooling_ignores_padding(tiny_bert_path):
@@ -95,3 +100,32 @@ def test_attention_dropout_reaches_the_encoder_from_the_config(tiny_bert_path):
     encoder = Encoder.from_pretrained(model.name_or_path, **model.encoder_kwargs())
     assert encoder.backbone.config.attention_probs_dropout_prob == 0.05
     assert {m.dropout.p for m in encoder.modules() if type(m).__name__ == "BertSelfAttention"} == {0.05}
+
+
+def test_hub_model_settings_come_from_the_hub_cache(monkeypatch):
+    """A Hub id's own pooling (here CLS, like bge) is read through the Hub cache when pooling is null."""
+    from huggingface_hub import constants
+
+    minilm = minilm_dir()
+
+    cache = Path(constants.HF_HUB_CACHE) / "models--ember-test--cls-minilm"
+    snapshot = cache / "snapshots" / ("0" * 40)
+    for file in minilm.rglob("*"):
+        if file.is_file():
+            target = snapshot / file.relative_to(minilm)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(file)
+    pooling = json.loads((minilm / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (snapshot / "1_Pooling" / "config.json").unlink()
+    (snapshot / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (cache / "refs").mkdir(parents=True, exist_ok=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    encoder = Encoder.from_pretrained("ember-test/cls-minilm")
+    assert encoder.pooling == "cls"
+    assert encoder.normalize is True  # the Normalize module of all-MiniLM-L6-v2
+    assert encoder.max_seq_length == 256
+    assert Encoder.from_pretrained("ember-test/cls-minilm", pooling="mean").pooling == "mean"
+    assert read_sentence_transformers_settings("ember-test/not-cached") == {}  # the load reports why

@@ -269,7 +269,7 @@ class Encoder(nn.Module):
         """
         name_or_path = resolve_model_path(name_or_path)
         weight_kwargs = weight_loading_kwargs(name_or_path, allow_pickle_weights)
-        stored = read_sentence_transformers_settings(name_or_path) if Path(name_or_path).is_dir() else {}
+        stored = read_sentence_transformers_settings(name_or_path)
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         try:
             config = backbone_config(

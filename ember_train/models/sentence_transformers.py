@@ -9,6 +9,7 @@ tokenizer files: ``transformers.AutoModel`` loads it) and a sentence-transformer
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,21 +89,21 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | N
 
 
 def read_sentence_transformers_settings(path: str | Path) -> dict[str, Any]:
-    """Encoder settings stored in a sentence-transformers directory (empty for a plain HF checkpoint).
+    """Encoder settings stored in a sentence-transformers checkpoint (empty for a plain HF checkpoint).
 
     Returns a subset of ``pooling``, ``normalize``, ``max_seq_length``, ``query_prefix``,
-    ``document_prefix``. Hub names return nothing here; their settings come from the config.
+    ``document_prefix``. ``path`` is a local directory or a Hub id: a Hub model's files come through
+    the Hub cache, so ``model.pooling: null`` gives e.g. bge's CLS pooling, not the mean default.
     """
-    root = Path(path)
+    read = _file_reader(path)
     settings: dict[str, Any] = {}
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
+    modules_text = read("modules.json")
+    if modules_text is None:
         return settings
-    modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    for module in modules:
+    for module in json.loads(modules_text):
         kind = module.get("type", "").rsplit(".", 1)[-1]
         if kind == "Pooling":
-            config = json.loads((root / module["path"] / "config.json").read_text(encoding="utf-8"))
+            config = json.loads(read(f"{module['path']}/config.json") or "{}")
             modes = [mode for mode, key in ST_POOLING_KEYS.items() if config.get(key)]
             if config.get("pooling_mode") in ST_POOLING_KEYS:  # newer single-key format
                 modes = [config["pooling_mode"]]
@@ -111,19 +112,45 @@ def read_sentence_transformers_settings(path: str | Path) -> dict[str, Any]:
         elif kind == "Normalize":
             settings["normalize"] = True
     settings.setdefault("normalize", False)
-    sbert = root / "sentence_bert_config.json"
-    if sbert.is_file():
-        max_len = json.loads(sbert.read_text(encoding="utf-8")).get("max_seq_length")
+    sbert = read("sentence_bert_config.json")
+    if sbert is not None:
+        max_len = json.loads(sbert).get("max_seq_length")
         if max_len:
             settings["max_seq_length"] = int(max_len)
-    st_config = root / "config_sentence_transformers.json"
-    if st_config.is_file():
-        prompts = json.loads(st_config.read_text(encoding="utf-8")).get("prompts") or {}
+    st_config = read("config_sentence_transformers.json")
+    if st_config is not None:
+        prompts = json.loads(st_config).get("prompts") or {}
         if prompts.get("query"):
             settings["query_prefix"] = prompts["query"]
         if prompts.get("document"):
             settings["document_prefix"] = prompts["document"]
     return settings
+
+
+def _file_reader(path: str | Path) -> Callable[[str], str | None]:
+    """``read(name)``: the text of one file of a local checkpoint or a Hub repository, or None if absent.
+
+    A Hub repository that cannot be reached reads as empty here; loading its weights reports why.
+    """
+    root = Path(path)
+    if root.is_dir():
+
+        def read_local(name: str) -> str | None:
+            file = root / name
+            return file.read_text(encoding="utf-8") if file.is_file() else None
+
+        return read_local
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    def read_hub(name: str) -> str | None:
+        try:
+            return Path(hf_hub_download(str(path), name)).read_text(encoding="utf-8")
+        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
+            return None
+
+    return read_hub
 
 
 def _ember_version() -> str:
