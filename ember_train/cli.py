@@ -87,6 +87,11 @@ def export_command(args: argparse.Namespace) -> int:
 
     cfg = parse_config(data, source=str(config_path))
     pipeline = get_pipeline(cfg.task)
+    import torch
+
+    from ember_train.training.hardware import tell_deepspeed_the_device
+
+    tell_deepspeed_the_device("cuda" if torch.cuda.is_available() else "cpu")
     if args.hub_repo_id:  # the config's own export.hub_repo_id is for its training run, not this command
         from ember_train.export.hub import check_hub_access
 

@@ -154,3 +154,13 @@ def set_cpu_threads(configured: int) -> ThreadChoice:
     choice = choose_cpu_threads(configured)
     torch.set_num_threads(choice.threads)
     return choice
+
+
+def tell_deepspeed_the_device(device_type: str) -> None:
+    """On CPU, name DeepSpeed's accelerator before anything imports it.
+
+    Saving a model imports DeepSpeed whenever it is installed (transformers -> accelerate), and
+    DeepSpeed then warns that it "cannot detect an accelerator"; naming the device silences that.
+    """
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ from ember_train.training.checkpoint import (
 )
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext
-from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads
+from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads, tell_deepspeed_the_device
 from ember_train.training.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ def build_accelerator(
         **cpu_process_group_kwargs(),
     )
     if accelerator.device.type == "cpu":
-        # Saving a model imports DeepSpeed whenever it is installed (transformers -> accelerate), and
-        # DeepSpeed then warns that it "cannot detect an accelerator". Telling it the device silences that.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        tell_deepspeed_the_device("cpu")
         threads = set_cpu_threads(cfg.cpu_threads)
         accelerator.print(
             f"devices: cpu, {_processes(accelerator.num_processes)} x {threads.threads} threads ({threads.reason})"
