@@ -9,6 +9,7 @@ import torch
 from conftest import two_process_launch
 
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.losses.matryoshka import MatryoshkaLoss
 from ember_train.models import Encoder
 
 HERE = os.path.dirname(__file__)
@@ -21,13 +22,22 @@ def _launch(script, *args, timeout=600):
     return done
 
 
+MATRYOSHKA = ([32, 16, 8], [1.0, 0.5, 2.0])  # the tiny BERT's 32 dims and two prefixes
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("num_negatives,chunk", [(0, 0), (2, 0), (2, 2)])
+@pytest.mark.parametrize(
+    "num_negatives,chunk,matryoshka",
+    [(0, 0, False), (2, 0, False), (2, 2, False), (2, 0, True), (2, 2, True)],
+)
 def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
-    tmp_path, tiny_bert_path, num_negatives, chunk
+    tmp_path, tiny_bert_path, num_negatives, chunk, matryoshka
 ):
+    """With ``matryoshka``: loss.matryoshka_dims with gather_across_devices (and the gradient cache)."""
     per_rank = 3
     out = tmp_path / "dist.pt"
+    dims, weights = MATRYOSHKA
+    extra = [",".join(map(str, dims)), ",".join(map(str, weights))] if matryoshka else []
     _launch(
         os.path.join(HERE, "distributed", "gather_check.py"),
         tiny_bert_path,
@@ -35,6 +45,7 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
         num_negatives,
         per_rank,
         chunk,
+        *extra,
     )
     result = torch.load(out, weights_only=False)
 
@@ -50,7 +61,8 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
     if num_negatives:
         flat = [f"unrelated text {i} {j}" for i in range(n_total) for j in range(num_negatives)]
         n = encoder(encoder.tokenize(flat)).view(n_total, num_negatives, -1)
-    loss = InfoNCELoss(0.05, symmetric=True)(q, p, n)
+    loss_fn = InfoNCELoss(0.05, symmetric=True)
+    loss = (MatryoshkaLoss(loss_fn, dims, weights) if matryoshka else loss_fn)(q, p, n)
     loss.backward()
 
     # float64 on both sides: only summation order differs (all-reduce vs one matmul).
@@ -65,8 +77,8 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
 
     # Host reads in the gathered loss: one per gather (positives, negatives, queries for the
     # symmetric term), not one per process per gather plus a global count (5-7 before).
-    if not chunk:
-        assert result["loss_reads"] == (3 if num_negatives else 2)
+    if not chunk:  # each Matryoshka prefix gathers its own slice
+        assert result["loss_reads"] == (3 if num_negatives else 2) * (len(dims) if matryoshka else 1)
 
     sharding = result["sharding"]
     assert sharding[0]["steps"] == sharding[1]["steps"]

@@ -162,6 +162,7 @@ def render_model_card(
     command: str | None,
     data_summary: str | None = None,
     stages: Sequence[Mapping[str, Any]] | None = None,
+    matryoshka_dims: Sequence[int] | None = None,
 ) -> str:
     """Render README.md: YAML front matter (parsable by ``yaml.safe_load``) + a human body.
 
@@ -200,6 +201,12 @@ def render_model_card(
     ]
     if q_prefix or d_prefix:
         parts.append(f"- **Prefixes:** query `{q_prefix!r}`, document `{d_prefix!r}`")
+    if matryoshka_dims:
+        dims = ", ".join(str(d) for d in matryoshka_dims)
+        parts.append(
+            f"- **Matryoshka dimensions:** {dims} (trained so that a prefix of the vector is an embedding: "
+            f"`SentenceTransformer(..., truncate_dim={matryoshka_dims[-1]})`)"
+        )
     if data_summary:
         parts.append(f"- **Training data:** {data_summary}")
     parts += ["", "## Usage", "", _usage(model_name, pooling, normalize, max_len, q_prefix, d_prefix)]

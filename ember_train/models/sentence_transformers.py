@@ -9,7 +9,7 @@ tokenizer files: ``transformers.AutoModel`` loads it) and a sentence-transformer
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 POOLING_DIR = "1_Pooling"
 NORMALIZE_DIR = "2_Normalize"
+MATRYOSHKA_KEY = "matryoshka_dims"  # in config_sentence_transformers.json: the trained prefix lengths
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -29,8 +30,20 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | None = None) -> Path:
-    """Save ``encoder`` so ``AutoModel`` and ``SentenceTransformer`` both load it with the same vectors."""
+def export_encoder(
+    encoder: Encoder,
+    out_dir: str | Path,
+    *,
+    model_card: str | None = None,
+    matryoshka_dims: Sequence[int] = (),
+) -> Path:
+    """Save ``encoder`` so ``AutoModel`` and ``SentenceTransformer`` both load it with the same vectors.
+
+    ``matryoshka_dims`` (the prefix lengths it was trained for) are recorded in
+    ``config_sentence_transformers.json`` under ``matryoshka_dims``; sentence-transformers ignores
+    the key, and ``SentenceTransformer(path, truncate_dim=d)`` cuts the vectors to ``d``. The
+    default ``truncate_dim`` is left unset: loaders get the full vectors unless they ask.
+    """
     import transformers
 
     out = Path(out_dir)
@@ -81,6 +94,7 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model_card: str | N
             "prompts": prompts,
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
+            **({MATRYOSHKA_KEY: [int(d) for d in matryoshka_dims]} if matryoshka_dims else {}),
         },
     )
     if model_card is not None:
@@ -125,6 +139,12 @@ def read_sentence_transformers_settings(path: str | Path) -> dict[str, Any]:
         if prompts.get("document"):
             settings["document_prefix"] = prompts["document"]
     return settings
+
+
+def read_matryoshka_dims(path: str | Path) -> list[int]:
+    """The prefix lengths an export was trained for (empty when none are recorded)."""
+    text = _file_reader(path)("config_sentence_transformers.json")
+    return [int(d) for d in (json.loads(text).get(MATRYOSHKA_KEY) or [])] if text else []
 
 
 def _file_reader(path: str | Path) -> Callable[[str], str | None]:

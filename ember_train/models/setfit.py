@@ -84,11 +84,13 @@ class SetFitStyleModel(nn.Module):
             self.head.linear.bias.copy_(head.linear.bias)
         self.head.kind = head.kind
 
-    def save_pretrained(self, directory: str | Path, *, model_card: str | None = None) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, *, model_card: str | None = None, matryoshka_dims: Sequence[int] = ()
+    ) -> Path:
         """Write the body through the shared export and the head into ``<directory>/head``."""
         from ember_train.models.sentence_transformers import export_encoder
 
-        out = export_encoder(self.body, directory, model_card=model_card)
+        out = export_encoder(self.body, directory, model_card=model_card, matryoshka_dims=matryoshka_dims)
         if self.head is not None:
             self.head.save(Path(out) / HEAD_DIR)
         return Path(out)

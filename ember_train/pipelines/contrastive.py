@@ -17,15 +17,17 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from ember_train.config import ExportConfig, ModelConfig, TrainConfig
+from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig
 from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.reader import DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.evaluation.base import EvalResult, Evaluator
+from ember_train.evaluation.dims import check_eval_dims, evaluate_at_dims
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.losses.matryoshka import check_dims_fit, check_matryoshka_dims, with_matryoshka
 from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
@@ -53,12 +55,17 @@ class LossConfig:
     num_negatives: int = 0  # hard negatives per query (group size - 1); rows must carry `neg`
     symmetric: bool = False  # add the document->query term
     gather_across_devices: bool = False  # in-batch negatives from every process
+    # Matryoshka: the loss also on each prefix of the vectors, e.g. [384, 256, 128, 64] (unique,
+    # descending; include the model's dimension to train the full vector). Empty: off.
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] | None = None  # one per dimension; default all 1
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.num_negatives < 0:
             raise ValueError("num_negatives must be >= 0")
+        check_matryoshka_dims(self.matryoshka_dims, self.matryoshka_weights)
 
 
 @dataclass
@@ -71,6 +78,12 @@ class EvalConfig:
     data_root: str | None = None  # fills ${EMBER_EVAL_ROOT} in the descriptors
     batch_size: int = 64
     before_training: bool = True
+    # Also evaluate each task on the first d coordinates of the vectors, e.g. [64, 128]; results
+    # are named <dataset>@dim<d> (dev@dim64/ndcg@10). Empty: full length only.
+    dims: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_eval_dims(self.dims)
 
 
 @dataclass
@@ -109,8 +122,11 @@ def build_evaluators(cfg: EvalConfig) -> list[Evaluator]:
     return evaluators
 
 
-def run_evaluators(evaluators: list[Evaluator], encoder: Encoder) -> list[EvalResult]:
-    return [evaluator(encoder) for evaluator in evaluators]
+def run_evaluators(
+    evaluators: list[Evaluator], encoder: Encoder, dims: list[int] | None = None
+) -> list[EvalResult]:
+    """Every evaluator at full length, then at each of ``dims`` (``eval.dims``)."""
+    return evaluate_at_dims(evaluators, encoder, dims or [])
 
 
 def describe(before: list[EvalResult] | None, after: list[EvalResult]) -> str:
@@ -125,8 +141,8 @@ def describe(before: list[EvalResult] | None, after: list[EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
-    """Embed queries and documents (positives, then negatives) and apply InfoNCE.
+def make_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0):
+    """Embed queries and documents (positives, then negatives) and apply InfoNCE (or its Matryoshka wrapper).
 
     With ``grad_cache_chunk_size > 0`` the step embeds in chunks through the gradient cache and
     runs its own backward passes (the loop is told so via ``backward_in_step``).
@@ -188,12 +204,22 @@ def make_dataloader(
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 
+def check_fits_model(cfg: ContrastiveConfig, model_dim: int) -> None:
+    """Vector lengths in the config that the model's vectors are too short for: an error before training."""
+    try:
+        check_dims_fit(cfg.loss.matryoshka_dims, model_dim, "loss.matryoshka_dims")
+        check_dims_fit(cfg.eval.dims, model_dim, "eval.dims")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
     accelerator, output_dir = start_run(cfg)
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
+    check_fits_model(cfg, encoder.dim)
     if cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
     examples, bad_rows = load_pairs(
@@ -225,17 +251,23 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
 
     def evaluate() -> dict[str, float]:
         return {
-            f"{r.dataset}/{k}": v for r in run_evaluators(evaluators, encoder) for k, v in r.metrics.items()
+            f"{r.dataset}/{k}": v
+            for r in run_evaluators(evaluators, encoder, cfg.eval.dims)
+            for k, v in r.metrics.items()
         }
 
     before: list[EvalResult] | None = None
     if evaluators and cfg.eval.before_training and accelerator.is_main_process:
         encoder.to(accelerator.device)
-        before = run_evaluators(evaluators, encoder)
+        before = run_evaluators(evaluators, encoder, cfg.eval.dims)
         accelerator.print("before training:\n" + describe(None, before))
     accelerator.wait_for_everyone()
 
-    loss_fn = InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices)
+    loss_fn = with_matryoshka(
+        InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices),
+        cfg.loss.matryoshka_dims,
+        cfg.loss.matryoshka_weights,
+    )
     outcome = train_loop(
         accelerator=accelerator,
         model=encoder,
@@ -256,7 +288,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     }
     after: list[EvalResult] = []
     if accelerator.is_main_process:
-        after = run_evaluators(evaluators, encoder)
+        after = run_evaluators(evaluators, encoder, cfg.eval.dims)
         if after:
             results["eval_after"] = [r.to_dict() for r in after]
             if before is not None:
@@ -265,8 +297,11 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
 
     def export(export_dir: Path) -> dict[str, Any]:
         data_summary = f"{len(examples)} training pairs from `{cfg.data.train}`"
-        card = model_card(cfg, export_dir, command=command, results=after, data_summary=data_summary)
-        export_encoder(encoder, export_dir, model_card=card)
+        card = model_card(
+            cfg, export_dir, command=command, results=after, data_summary=data_summary,
+            matryoshka_dims=cfg.loss.matryoshka_dims,
+        )  # fmt: skip
+        export_encoder(encoder, export_dir, model_card=card, matryoshka_dims=cfg.loss.matryoshka_dims)
         accelerator.print(f"exported to {export_dir}")
         return {"export_dir": str(export_dir)}
 
@@ -277,8 +312,9 @@ def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -
     """``ember-train export``: rebuild the encoder from the run's config and a checkpoint's weights."""
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     load_model_weights(encoder, checkpoint)
-    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir))
-    return export_encoder(encoder, out_dir, model_card=card)
+    dims = cfg.loss.matryoshka_dims
+    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir), matryoshka_dims=dims)
+    return export_encoder(encoder, out_dir, model_card=card, matryoshka_dims=dims)
 
 
 PIPELINE = Pipeline("contrastive", ContrastiveConfig, run, export_checkpoint)

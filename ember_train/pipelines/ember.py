@@ -54,7 +54,7 @@ from ember_train.evaluation.base import EvalResult
 from ember_train.evaluation.mining import mine_hard_negatives, read_corpus, read_pair_rows, write_jsonl
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.models import Encoder
-from ember_train.models.sentence_transformers import read_sentence_transformers_settings
+from ember_train.models.sentence_transformers import read_matryoshka_dims, read_sentence_transformers_settings
 from ember_train.pipelines import contrastive, retromae
 from ember_train.pipelines.contrastive import ContrastiveConfig, PairDataConfig
 from ember_train.pipelines.recipe import Pipeline, chained_runs, model_card
@@ -474,7 +474,7 @@ def write_card(cfg: EmberConfig, final: Stage, rows: list[dict[str, Any]], comma
     after = [EvalResult.from_dict(r) for r in final.results().get("eval_after") or []]
     card = model_card(
         cfg, export_dir, command=command, results=after, training=training,
-        data_summary=rows[-1]["data"], stages=rows,
+        data_summary=rows[-1]["data"], stages=rows, matryoshka_dims=read_matryoshka_dims(export_dir),
     )  # fmt: skip
     (export_dir / "README.md").write_text(card, encoding="utf-8")
 

@@ -44,6 +44,7 @@ from ember_train.evaluation.classification import evaluate_classifier
 from ember_train.evaluation.sts import STSEvaluator
 from ember_train.export.model_card import classification_card_section
 from ember_train.losses.cosine import build_pair_loss
+from ember_train.losses.matryoshka import check_dims_fit, check_matryoshka_dims, with_matryoshka
 from ember_train.models import Encoder
 from ember_train.models.heads import HEAD_DIR, LinearHead, fit_head
 from ember_train.models.setfit import SetFitStyleModel
@@ -89,6 +90,13 @@ class PairGenerationConfig:
     include_self_pairs: bool = False
     loss: Literal["cosine_mse", "cosent"] = "cosine_mse"
     cosent_scale: float = 20.0
+    # Matryoshka: the pair loss also on each prefix of the vectors, e.g. [384, 256, 128, 64]
+    # (unique, descending). Empty: off. The head is fitted on the full vectors.
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] | None = None  # one per dimension; default all 1
+
+    def __post_init__(self) -> None:
+        check_matryoshka_dims(self.matryoshka_dims, self.matryoshka_weights)
 
 
 @dataclass
@@ -173,7 +181,7 @@ def make_pair_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0
     def loss_from_embeddings(sorted_embeddings: list[torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         embeddings = restore_order(sorted_embeddings, batch["order"])  # back to pair order
         size = batch["label"].shape[0]
-        return loss_fn(embeddings[:size], embeddings[size:], batch["label"])
+        return loss_fn(embeddings[:size], embeddings[size:], target=batch["label"])
 
     def counts(batch: dict[str, Any]) -> dict[str, float]:
         return {"samples": float(batch["label"].shape[0]), **batch["token_counts"]}
@@ -248,6 +256,10 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
+    try:
+        check_dims_fit(cfg.pairs.matryoshka_dims, encoder.dim, "pairs.matryoshka_dims")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
     encoder.to(accelerator.device)
@@ -308,7 +320,11 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     dataloader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers
     )
-    loss_fn = build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale)
+    loss_fn = with_matryoshka(
+        build_pair_loss(cfg.pairs.loss, cosent_scale=cfg.pairs.cosent_scale),
+        cfg.pairs.matryoshka_dims,
+        cfg.pairs.matryoshka_weights,
+    )
 
     def evaluate_during() -> dict[str, float]:
         if head is not None and test is not None:
@@ -360,15 +376,16 @@ def run(cfg: SetFitConfig, command: str | None = None) -> dict[str, Any]:
     def export(export_dir: Path) -> dict[str, Any]:
         summary = _data_summary(train, data.scored, cfg)
         card = model_card(
-            cfg, export_dir, command=command, results=list(after.values()), data_summary=summary
-        )
+            cfg, export_dir, command=command, results=list(after.values()), data_summary=summary,
+            matryoshka_dims=cfg.pairs.matryoshka_dims,
+        )  # fmt: skip
         card += "\n" + classification_card_section(
             model.head,
             before.get("classification"),
             after.get("classification"),
             _tuning_summary(counts, cfg),
         )
-        model.save_pretrained(export_dir, model_card=card)
+        model.save_pretrained(export_dir, model_card=card, matryoshka_dims=cfg.pairs.matryoshka_dims)
         accelerator.print(f"exported to {export_dir}")
         return {"export_dir": str(export_dir)}
 
@@ -451,8 +468,9 @@ def export_checkpoint(cfg: SetFitConfig, checkpoint: Path, out_dir: Path) -> Pat
     head = LinearHead.load(head_dirs[0]) if head_dirs else None
     model = SetFitStyleModel(encoder, head)
     load_model_weights(model, checkpoint)
-    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir))
-    return model.save_pretrained(out_dir, model_card=card)
+    dims = cfg.pairs.matryoshka_dims
+    card = model_card(cfg, out_dir, command=export_command_line(checkpoint, out_dir), matryoshka_dims=dims)
+    return model.save_pretrained(out_dir, model_card=card, matryoshka_dims=dims)
 
 
 PIPELINE = Pipeline("setfit", SetFitConfig, run, export_checkpoint)

@@ -1,5 +1,7 @@
 """Run under ``accelerate launch --multi_gpu --num_processes 2``: cross-device InfoNCE and sharding.
 
+Optionally with Matryoshka prefixes (InfoNCE on each prefix, each gathered across processes).
+
 Each process embeds its half of a fixed global batch with a DDP-wrapped encoder, computes the
 gathered loss, and back-propagates. Rank 0 writes the mean loss over processes and the
 (all-reduced) parameter gradients, which the test compares with one process holding the whole
@@ -15,6 +17,7 @@ from accelerate import Accelerator
 
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.losses.infonce import InfoNCELoss
+from ember_train.losses.matryoshka import with_matryoshka
 from ember_train.models import Encoder
 from ember_train.training.distributed import cpu_process_group_kwargs
 from ember_train.training.grad_cache import StepContext, grad_cache_step
@@ -22,6 +25,9 @@ from ember_train.training.host_reads import HostReadCounter
 
 model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 chunk = int(sys.argv[5])  # > 0: through the gradient cache
+# Optional Matryoshka prefixes and weights, e.g. "32,16,8" "1,0.5,2": the loss on each prefix.
+matryoshka = [int(d) for d in sys.argv[6].split(",")] if len(sys.argv) > 6 else []
+weights = [float(w) for w in sys.argv[7].split(",")] if len(sys.argv) > 7 else None
 accelerator = Accelerator(**cpu_process_group_kwargs())
 rank, world = accelerator.process_index, accelerator.num_processes
 assert world == 2, f"expected 2 processes, got {world}"
@@ -37,7 +43,7 @@ positives = [f"document {i} describing topic {i % 5} in words" for i in range(pe
 negatives = [[f"unrelated text {i} {j}" for j in range(num_negatives)] for i in range(per_rank * world)]
 local = slice(rank * per_rank, (rank + 1) * per_rank)
 
-loss_fn = InfoNCELoss(0.05, symmetric=True, gather_across_devices=True)
+loss_fn = with_matryoshka(InfoNCELoss(0.05, symmetric=True, gather_across_devices=True), matryoshka, weights)
 q_features = encoder.tokenize(queries[local])
 d_features = encoder.tokenize(positives[local] + [t for row in negatives[local] for t in row])
 
