@@ -215,22 +215,27 @@ def test_evaluation_at_dims_names_results_and_embeds_each_text_once():
     assert results[1].main_score != results[0].main_score  # a random 8-dim prefix ranks worse
 
 
-class _Lengths(Evaluator):
-    name = "lengths"
+class _Probe(Evaluator):
+    """Reports the length and norm of the vectors it is given."""
+
+    name = "probe"
 
     def __call__(self, encoder):
-        dim = encode(encoder, ["a", "b"], batch_size=2).shape[1]
-        return EvalResult("Probe", self.name, "test", {"dim": float(dim)}, "dim")
+        vectors = encode(encoder, ["a", "b"], batch_size=2)
+        metrics = {"dim": float(vectors.shape[1]), "norm": vectors.norm(dim=-1).mean().item()}
+        return EvalResult("Probe", self.name, "test", metrics, "dim")
 
 
-def test_pipeline_evaluation_reports_each_length(tiny_bert_path):
-    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16)
-    results = contrastive.run_evaluators([_Lengths()], encoder, [8, 16])
+def test_pipeline_evaluation_reports_each_length_renormalised(tiny_bert_path):
+    """A normalising model's prefixes are re-normalised, as its full vectors are (dot = cosine)."""
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16, normalize=True)
+    results = contrastive.run_evaluators([_Probe()], encoder, [8, 16])
     assert [(r.dataset, r.main_score) for r in results] == [
-        ("lengths", 32),
-        ("lengths@dim8", 8),
-        ("lengths@dim16", 16),
+        ("probe", 32),
+        ("probe@dim8", 8),
+        ("probe@dim16", 16),
     ]
+    assert [r.metrics["norm"] for r in results] == pytest.approx([1.0, 1.0, 1.0], rel=1e-6)
 
 
 def test_export_records_the_dims_and_sentence_transformers_truncates(tmp_path, tiny_bert_path):
