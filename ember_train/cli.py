@@ -5,6 +5,7 @@ config stays the whole experiment.
 
 ember-train eval MODEL --tasks configs/eval/STS12.yaml,configs/eval/SciFact.yaml --data-root DIR
 ember-train eval MODEL --mteb STS12,SciFact            # the official mteb package (online)
+ember-train eval MODEL --tasks ... --dims 64,128       # also on the first 64 and 128 coordinates
 ember-train mine --model MODEL --pairs train.jsonl --output mined.jsonl --rank-window 10,100
 ember-train predict runs/setfit/final --text "my package does not install"
 """
@@ -127,22 +128,35 @@ def _window(value: str) -> tuple[int, int]:
 
 def eval_command(args: argparse.Namespace) -> int:
     from ember_train.evaluation.base import EvalResult
+    from ember_train.evaluation.dims import check_eval_dims, evaluate_at_dims
     from ember_train.evaluation.loading import load_encoder
     from ember_train.evaluation.tasks import load_tasks
     from ember_train.export.model_card import render_model_card, results_table, update_model_card
+    from ember_train.losses.matryoshka import check_dims_fit
 
     if not args.tasks and not args.mteb:
         raise DataError(
             "ember-train eval", None, "give --tasks (descriptor files) and/or --mteb (task names)"
         )
+    try:
+        dims = [int(d) for d in _csv(args.dims)]
+        check_eval_dims(dims)
+    except ValueError as e:
+        raise DataError("--dims", None, f"{e} (expected lengths like 64,128)") from None
+    if dims and args.mteb:
+        raise DataError("--dims", None, "works with --tasks only (the mteb package evaluates full vectors)")
     results: list[EvalResult] = []
     if args.tasks:
         evaluators = load_tasks(_csv(args.tasks), data_root=args.data_root, batch_size=args.batch_size)
         encoder = load_encoder(args.model, max_seq_length=args.max_seq_length, device=args.device)
+        try:
+            check_dims_fit(dims, encoder.dim, "--dims")
+        except ValueError as e:
+            raise DataError(str(args.model), None, str(e)) from None
         for evaluator in evaluators:
-            result = evaluator(encoder)
-            print(f"{result}", flush=True)
-            results.append(result)
+            for result in evaluate_at_dims([evaluator], encoder, dims):
+                print(f"{result}", flush=True)
+                results.append(result)
     if args.mteb:
         from ember_train.evaluation.mteb_runner import MTEBTaskError, run_mteb
 
@@ -277,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-seq-length", type=int, help="override the model's own max length")
     ev.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    ev.add_argument(
+        "--dims",
+        help="comma-separated vector lengths: each task also on the first d coordinates (results <dataset>@dim<d>)",
+    )
     ev.add_argument(
         "--update-card", action="store_true", help="write the results into MODEL/README.md (model-index)"
     )

@@ -287,3 +287,24 @@ def test_contrastive_run_from_the_config_key(tmp_path, tiny_bert_path, monkeypat
     final = tmp_path / "run" / "final"
     assert read_matryoshka_dims(final) == [32, 16]
     assert "**Matryoshka dimensions:** 32, 16" in (final / "README.md").read_text()
+
+
+def test_eval_command_at_dims(tmp_path, tiny_bert_path, capsys):
+    from conftest import FIXTURES
+
+    from ember_train.cli import main
+
+    out = tmp_path / "results.json"
+    task = str(REPO / "configs" / "eval" / "STS12.yaml")
+    argv = ["eval", str(tiny_bert_path), "--tasks", task, "--data-root", str(FIXTURES)]
+    assert main([*argv, "--dims", "8,16", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [(r["dataset"], r["extra"].get("dim")) for r in results] == [
+        ("STS12", None),
+        ("STS12@dim8", 8),
+        ("STS12@dim16", 16),
+    ]
+    assert main([*argv, "--dims", "8,64"]) != 0
+    assert "--dims: 64 is larger than the model's embedding dimension 32" in capsys.readouterr().err
+    assert main([*argv, "--dims", "8,8"]) != 0
+    assert "unique" in capsys.readouterr().err
