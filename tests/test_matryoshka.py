@@ -296,7 +296,7 @@ def test_eval_command_at_dims(tmp_path, tiny_bert_path, capsys):
 
     out = tmp_path / "results.json"
     task = str(REPO / "configs" / "eval" / "STS12.yaml")
-    argv = ["eval", str(tiny_bert_path), "--tasks", task, "--data-root", str(FIXTURES)]
+    argv = ["eval", str(tiny_bert_path), "--tasks", task, "--data-root", str(FIXTURES / "eval")]
     assert main([*argv, "--dims", "8,16", "--output", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [(r["dataset"], r["extra"].get("dim")) for r in results] == [
