@@ -76,6 +76,8 @@ def model_card(
     training: dict[str, Any] | None = None,
     data_summary: str | None = None,
     stages: list[dict[str, Any]] | None = None,
+    selected: dict[str, Any] | None = None,
+    merge: dict[str, Any] | None = None,
 ) -> str:
     """The export's README: the config as run (``training``, default the whole config) and results."""
     return render_model_card(
@@ -86,6 +88,8 @@ def model_card(
         command=command,
         data_summary=data_summary,
         stages=stages,
+        selected=selected,
+        merge=merge,
     )
 
 
