@@ -28,8 +28,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, required=True, help="the evalsets folder (STSBenchmark/, SciFact/)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source", type=Path, required=True, help="the evalsets folder (STSBenchmark/, SciFact/)"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/general"))
     parser.add_argument("--sts-pairs", type=int, default=300)
     parser.add_argument("--scifact-queries", type=int, default=100)

@@ -97,11 +97,25 @@ def test_select_exports_the_best_steps_weights(tmp_path, tiny_bert_path, monkeyp
 def test_resume_keeps_the_best_so_far(tmp_path, tiny_bert_path, monkeypatch):
     _peak_at(monkeypatch, [0.1, 0.9, 0.5, 0.3, 0.2, 0.4])  # one list over both runs: steps 1..6
     first = contrastive.run(
-        _config(tmp_path, tiny_bert_path, "res", "eval.select=dev/peak", "train.max_steps=3", "train.keep_checkpoints=1")
+        _config(
+            tmp_path,
+            tiny_bert_path,
+            "res",
+            "eval.select=dev/peak",
+            "train.max_steps=3",
+            "train.keep_checkpoints=1",
+        )
     )
     assert first["selected"]["step"] == 2
     resumed = contrastive.run(
-        _config(tmp_path, tiny_bert_path, "res", "eval.select=dev/peak", "train.resume=auto", "train.keep_checkpoints=1")
+        _config(
+            tmp_path,
+            tiny_bert_path,
+            "res",
+            "eval.select=dev/peak",
+            "train.resume=auto",
+            "train.keep_checkpoints=1",
+        )
     )
     assert resumed["steps"] == 6
     assert resumed["selected"]["step"] == 2 and resumed["selected"]["score"] == 0.9  # not step 6's 0.4
@@ -120,7 +134,9 @@ def test_unknown_select_metric_stops_before_training(tmp_path, tiny_bert_path):
 
 def test_select_naming_an_unknown_set_stops_before_the_model_loads(tmp_path):
     cfg = _config(tmp_path, tmp_path / "no-such-model", "bad", "eval.select=STSB/cosine_spearman")
-    with pytest.raises(ValueError, match=r"\['STSB'\] that are not configured; the evaluation sets are \['dev'\]"):
+    with pytest.raises(
+        ValueError, match=r"\['STSB'\] that are not configured; the evaluation sets are \['dev'\]"
+    ):
         contrastive.run(cfg)
 
 
@@ -177,7 +193,9 @@ def test_score_alphas_scores_each_merge():
     model = torch.nn.Linear(1, 1, bias=False)
     tuned, base = {"weight": torch.tensor([[10.0]])}, {"weight": torch.tensor([[0.0]])}
     # A stub evaluation: domain rises with the weight, general falls.
-    points = score_alphas(model, tuned, base, [0.5, 1.0], lambda: (model.weight.item(), 80 - model.weight.item() / 5))
+    points = score_alphas(
+        model, tuned, base, [0.5, 1.0], lambda: (model.weight.item(), 80 - model.weight.item() / 5)
+    )
     assert [p.alpha for p in points] == [0.0, 0.5, 1.0]  # the base is always scored, as the reference
     assert [p.domain for p in points] == [0.0, 5.0, 10.0]
     assert [p.domain_gain for p in points] == [0.0, 5.0, 10.0]
@@ -238,7 +256,9 @@ def test_select_and_merge_agree_across_two_processes(tmp_path, tiny_bert_path):
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["evaluations"] == 6 and ranks[1]["evaluations"] == 0  # only the main process evaluates
     assert ranks[0]["selected_step"] == ranks[1]["selected_step"] == 2
-    assert ranks[0]["alpha"] == ranks[1]["alpha"] == 1.0  # a budget of 100 points: the best domain score
+    points = [MergePoint(**p) for p in ranks[0]["points"]]  # scored on the main process only
+    assert ranks[1]["points"] is None and len(points) == 3
+    assert ranks[0]["alpha"] == ranks[1]["alpha"] == choose_alpha(points, [0.5, 1.0], 100).alpha
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=0)
     exported = Encoder.from_pretrained(cfg.output_dir + "/final")
     assert sum(float(t.double().sum()) for t in exported.state_dict().values()) == pytest.approx(

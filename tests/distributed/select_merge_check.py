@@ -1,6 +1,6 @@
 """Run by test_select_merge.py under 2 processes: select + auto merge; each process writes what it ended with.
 
-    select_merge_check.py CONFIG OUT_DIR [overrides...]
+select_merge_check.py CONFIG OUT_DIR [overrides...]
 """
 
 import json
@@ -35,6 +35,7 @@ record = {
     "evaluations": seen.get("evaluations", 0),
     "selected_step": results["selected"]["step"],
     "alpha": results["merge"]["alpha"],
+    "points": results["merge"].get("points"),
     "weights": weights,
 }
 (out / f"rank{PartialState().process_index}.json").write_text(json.dumps(record))
