@@ -125,6 +125,7 @@ RESUMABLE_CHANGES = (
     "train.wandb_project",
     "train.wandb_run_name",
     "eval.",
+    "merge.",  # applied after training
     "export.",
 )
 
