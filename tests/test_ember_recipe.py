@@ -150,6 +150,46 @@ def test_a_bad_stage_key_stops_before_anything_runs(tiny_bert_path, tiny_data, t
     assert not (tmp_path / "run").exists()
 
 
+def test_the_contrastive_stage_selects_and_merges_with_the_starting_model(
+    tiny_bert_path, tiny_data, tmp_path
+):
+    """eval.select and merge in the contrastive section; the merge's base is the recipe's starting
+    model (not the RetroMAE stage's output), and the final export is that merge."""
+    from ember_train.models import Encoder
+    from ember_train.models.merge import interpolate_state_dicts
+    from ember_train.pipelines.ember import build_stages
+    from ember_train.training.checkpoint import load_model_weights
+
+    contrastive = {
+        "data": {"train": str(tiny_data["train"])},
+        "train": {"max_steps": 3, "eval_every": 1},
+        "eval": {"data": str(tiny_data["dev"]), "select": "dev/ndcg@10"},
+        "merge": {"alpha": 0.5},
+    }
+    config = write_config(
+        tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run", contrastive=contrastive
+    )
+    with pytest.raises(ConfigError, match=r"contrastive\.merge: merge\.alpha must be in \[0, 1\]"):
+        load_config(str(config), ["contrastive.merge.alpha=2"])
+    cfg = load_config(str(config))
+    assert build_stages(cfg)[2].cfg.merge.base == str(tiny_bert_path)
+    run(cfg)
+    stage = json.loads((tmp_path / "run/stages/3-contrastive/results.json").read_text())
+    assert stage["merge"] == {"alpha": 0.5, "base": str(tiny_bert_path)}
+    step = stage["selected"]["step"]
+    selected = Encoder.from_pretrained(
+        tmp_path / "run/stages/1-retromae/final", pooling="mean", max_seq_length=24
+    )
+    load_model_weights(selected, tmp_path / f"run/stages/3-contrastive/best/step_{step:07d}")
+    base = Encoder.from_pretrained(tiny_bert_path, pooling="mean", max_seq_length=24)
+    selected.load_state_dict(interpolate_state_dicts(selected.state_dict(), base.state_dict(), 0.5))
+    texts = ["a text editor", "network tools for the console"]
+    final = Encoder.from_pretrained(tmp_path / "run/final")
+    torch.testing.assert_close(final.encode(texts), selected.encode(texts))
+    card = (tmp_path / "run/final/README.md").read_text()
+    assert f"step {step} of 3, the best by `dev/ndcg@10 (max)`" in card and "0.5 × tuned + 0.5 × base" in card
+
+
 def test_disabled_stages_are_skipped(tiny_bert_path, tiny_data, tmp_path, capsys):
     config = write_config(
         tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run",

@@ -163,6 +163,8 @@ def render_model_card(
     data_summary: str | None = None,
     stages: Sequence[Mapping[str, Any]] | None = None,
     matryoshka_dims: Sequence[int] | None = None,
+    selected: Mapping[str, Any] | None = None,
+    merge: Mapping[str, Any] | None = None,
 ) -> str:
     """Render README.md: YAML front matter (parsable by ``yaml.safe_load``) + a human body.
 
@@ -170,6 +172,7 @@ def render_model_card(
     written); pooling, normalisation, prefixes and max length are read from ``training["model"]``
     so the usage snippets reproduce the exported vectors. ``stages`` (a multi-stage recipe) are
     rows with ``stage``, ``data``, ``steps``, ``train_seconds`` and ``metrics`` (a short text).
+    ``selected`` (``eval.select``'s step) and ``merge`` (the merge with the base) are results.json's.
     """
     training = scrub_secrets(dict(training))
     pooling = str(_lookup(training, "pooling", "mean"))
@@ -221,6 +224,7 @@ def render_model_card(
             "",
         ]
     parts += ["## Training", ""]
+    parts += selection_lines(selected, merge)
     if stages:
         parts += [stages_table(stages), ""]
     if command:
@@ -234,6 +238,32 @@ def render_model_card(
         "",
     ]
     return "\n".join(parts)
+
+
+def selection_lines(selected: Mapping[str, Any] | None, merge: Mapping[str, Any] | None) -> list[str]:
+    """Which step's weights were exported (``eval.select``) and how they were merged with the base."""
+    lines: list[str] = []
+    if selected:
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in selected["metrics"].items())
+        lines += [
+            f"Exported weights: step {selected['step']} of {selected['steps']}, the best by "
+            f"`{selected['select']}` ({selected['score']:.4f}); its evaluation: {metrics}.",
+            "",
+        ]
+    if merge:
+        lines += [
+            f"Merged with `{merge['base']}` (weights: {merge['alpha']:g} × tuned + {1 - merge['alpha']:g} × base; "
+            + (
+                "alpha chosen automatically: " + merge["rule"]
+                if merge.get("table")
+                else "alpha set in the config"
+            )
+            + ").",
+            "",
+        ]
+        if merge.get("table"):
+            lines += [merge["table"], ""]
+    return lines
 
 
 def stages_table(stages: Sequence[Mapping[str, Any]]) -> str:

@@ -2,14 +2,15 @@
 
     accelerate launch train.py --config configs/quickstart.yaml [section.key=value ...]
 
-Setup -> evaluate before -> train -> evaluate after -> export, top to bottom. Everything
-distributed is in the sampler (each process's shard), the loss (optional cross-device
-negatives) and the shared loop; this file reads like single-device code.
+Setup -> evaluate before -> train -> (best step, merge with the base) -> evaluate after -> export,
+top to bottom. Everything distributed is in the sampler (each process's shard), the loss
+(optional cross-device negatives) and the shared loop; this file reads like single-device code.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,12 +30,15 @@ from ember_train.evaluation.tasks import load_tasks
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.losses.matryoshka import check_dims_fit, check_matryoshka_dims, with_matryoshka
 from ember_train.models import Encoder
+from ember_train.models.merge import cpu_state_dict, interpolate_state_dicts
 from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
-from ember_train.training.checkpoint import load_model_weights
-from ember_train.training.distributed import map_sharded
+from ember_train.training.checkpoint import best_weights_dir, load_model_weights, read_best_record
+from ember_train.training.distributed import decide_on_main, map_sharded
 from ember_train.training.grad_cache import slices_loss_step
 from ember_train.training.loop import train_loop
+from ember_train.training.merge import MERGE_RULE, choose_alpha, format_table, score_alphas
+from ember_train.training.select import MetricSelector
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +85,53 @@ class EvalConfig:
     # Also evaluate each task on the first d coordinates of the vectors, e.g. [64, 128]; results
     # are named <dataset>@dim<d> (dev@dim64/ndcg@10). Empty: full length only.
     dims: list[int] = field(default_factory=list)
+    # Export the weights of the best evaluation (every train.eval_every steps, and the last step)
+    # instead of the last step's: a metric key as logged, "<dataset>/<metric>" (e.g. dev/ndcg@10,
+    # STSB-300/cosine_spearman), or a weighted sum ("0.7*dev/ndcg@10 + 0.3*STSB-300/cosine_spearman").
+    # null = the last step.
+    select: str | None = None
+    select_mode: Literal["max", "min"] = "max"  # whether a higher or a lower select score is better
 
     def __post_init__(self) -> None:
         check_eval_dims(self.dims)
+        if self.select is not None:
+            MetricSelector.parse(self.select, self.select_mode)  # a ValueError says what is wrong
+
+    def selector(self) -> MetricSelector | None:
+        return None if self.select is None else MetricSelector.parse(self.select, self.select_mode)
+
+
+def _default_alphas() -> list[float]:
+    return [i / 10 for i in range(11)]
+
+
+@dataclass
+class MergeConfig:
+    """Weight-space merge of the tuned model with its base after training (docs/domain-adaptation.md)."""
+
+    # Weight of the tuned model: merged = alpha * tuned + (1 - alpha) * base. null = no merge;
+    # a number in [0, 1]; auto = the best of `alphas` by the rule below, on eval.data (the domain)
+    # and eval.tasks (the general slice).
+    alpha: float | Literal["auto"] | None = None
+    alphas: list[float] = field(default_factory=_default_alphas)  # candidates for auto
+    # auto's rule: the best domain score among the alphas whose general score (the mean of the
+    # eval.tasks main scores, x100) is at most this many points below the base's; if none is, the
+    # best general score.
+    max_general_drop: float = 1.0
+    base: str | None = None  # the base model to merge with; null = model.name_or_path
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, float) and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"merge.alpha must be in [0, 1] (the tuned model's weight) or auto, got {self.alpha}"
+            )
+        if not self.alphas:
+            raise ValueError("merge.alphas must list at least one candidate alpha")
+        bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"merge.alphas must be in [0, 1], got {bad}")
+        if not (math.isfinite(self.max_general_drop) and self.max_general_drop >= 0):
+            raise ValueError(f"merge.max_general_drop must be a number >= 0, got {self.max_general_drop}")
 
 
 @dataclass
@@ -96,7 +144,20 @@ class ContrastiveConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        has_eval = self.eval.data is not None or bool(self.eval.tasks)
+        if self.eval.select is not None and not has_eval:
+            raise ValueError("eval.select needs an evaluation to select by: set eval.data and/or eval.tasks")
+        if self.eval.select is not None and self.train.eval_every <= 0:
+            raise ValueError("eval.select needs train.eval_every > 0 (the steps whose weights compete)")
+        if self.merge.alpha == "auto" and (self.eval.data is None or not self.eval.tasks):
+            raise ValueError(
+                "merge.alpha: auto needs a domain evaluation (eval.data) and a general one (eval.tasks, "
+                "e.g. configs/eval/general) to choose alpha by"
+            )
 
 
 def build_evaluators(cfg: EvalConfig) -> list[Evaluator]:
@@ -216,6 +277,10 @@ def check_fits_model(cfg: ContrastiveConfig, model_dim: int) -> None:
 def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
     accelerator, output_dir = start_run(cfg)
+    evaluators = build_evaluators(cfg.eval)  # data errors and a select naming no set stop here, unloaded
+    select = cfg.eval.selector()
+    if select is not None:
+        select.check_datasets([e.name for e in evaluators])
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
@@ -247,14 +312,9 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         )
     for note in notes:
         logger.warning(note)
-    evaluators = build_evaluators(cfg.eval)
 
     def evaluate() -> dict[str, float]:
-        return {
-            f"{r.dataset}/{k}": v
-            for r in run_evaluators(evaluators, encoder, cfg.eval.dims)
-            for k, v in r.metrics.items()
-        }
+        return flat_metrics(run_evaluators(evaluators, encoder, cfg.eval.dims))
 
     before: list[EvalResult] | None = None
     if evaluators and cfg.eval.before_training and accelerator.is_main_process:
@@ -262,6 +322,8 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         before = run_evaluators(evaluators, encoder, cfg.eval.dims)
         accelerator.print("before training:\n" + describe(None, before))
     accelerator.wait_for_everyone()
+    if select is not None and evaluators and cfg.eval.before_training:  # a bad metric key stops here
+        decide_on_main(accelerator, lambda: select.score(flat_metrics(before or [])))
 
     loss_fn = with_matryoshka(
         InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices),
@@ -277,6 +339,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         output_dir=output_dir,
         evaluate=evaluate if evaluators else None,
         backward_in_step=cfg.train.grad_cache_chunk_size > 0,
+        select=select,
     )
 
     results: dict[str, Any] = {
@@ -286,6 +349,13 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         "skipped_rows": bad_rows.total,
         "last_metrics": outcome["last_metrics"],
     }
+    if select is not None and outcome["best_step"] > 0:
+        best = best_weights_dir(output_dir, outcome["best_step"])
+        load_model_weights(encoder, best)
+        results["selected"] = {**read_best_record(output_dir, outcome["best_step"]), "steps": outcome["step"]}
+        accelerator.print(f"selected step {outcome['best_step']} of {outcome['step']} by {select} ({best})")
+    if cfg.merge.alpha is not None:
+        results["merge"] = merge_with_base(cfg, encoder, evaluators, accelerator)
     after: list[EvalResult] = []
     if accelerator.is_main_process:
         after = run_evaluators(evaluators, encoder, cfg.eval.dims)
@@ -299,6 +369,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         data_summary = f"{len(examples)} training pairs from `{cfg.data.train}`"
         card = model_card(
             cfg, export_dir, command=command, results=after, data_summary=data_summary,
+            selected=results.get("selected"), merge=results.get("merge"),
             matryoshka_dims=cfg.loss.matryoshka_dims,
         )  # fmt: skip
         export_encoder(encoder, export_dir, model_card=card, matryoshka_dims=cfg.loss.matryoshka_dims)
@@ -306,6 +377,54 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         return {"export_dir": str(export_dir)}
 
     return finish_run(accelerator, cfg, output_dir, results, command, export)
+
+
+def flat_metrics(results: list[EvalResult]) -> dict[str, float]:
+    """``{dataset/metric: value}``: the keys of the evaluation log and of ``eval.select``."""
+    return {f"{r.dataset}/{k}": v for r in results for k, v in r.metrics.items()}
+
+
+def merge_with_base(
+    cfg: ContrastiveConfig, encoder: Encoder, evaluators: list[Evaluator], accelerator: Any
+) -> dict[str, Any]:
+    """Set ``encoder`` to ``alpha * tuned + (1 - alpha) * base`` on every process; with ``auto``,
+    the main process scores ``merge.alphas`` (eval.data: domain, eval.tasks: general) and
+    chooses, and every process takes its alpha. Returns results.json's ``merge``."""
+    base_name = cfg.merge.base or cfg.model.name_or_path
+    tuned = cpu_state_dict(encoder)
+    base = cpu_state_dict(Encoder.from_pretrained(base_name, **cfg.model.encoder_kwargs()))
+    out: dict[str, Any] = {"base": base_name}
+    if cfg.merge.alpha == "auto":
+        domain, general = evaluators[0], evaluators[1:]  # build_evaluators puts eval.data first
+        names: dict[str, str] = {}
+
+        def score() -> tuple[float, float]:
+            domain_result, general_results = domain(encoder), [e(encoder) for e in general]
+            names["domain"] = f"{domain_result.dataset} {domain_result.main_metric}"
+            names["general"] = "mean of " + ", ".join(f"{r.dataset} {r.main_metric}" for r in general_results)
+            return domain_result.main_score, sum(r.main_score for r in general_results) / len(general_results)
+
+        def search() -> float:
+            points = score_alphas(encoder, tuned, base, cfg.merge.alphas, score, log=accelerator.print)
+            chosen = choose_alpha(points, cfg.merge.alphas, cfg.merge.max_general_drop)
+            table = format_table(points, chosen.alpha)
+            accelerator.print(
+                f"merge with {base_name} ({MERGE_RULE.format(drop=cfg.merge.max_general_drop)}):\n{table}"
+            )
+            out.update(
+                points=[p.to_dict() for p in points],
+                table=table,
+                **names,
+                rule=MERGE_RULE.format(drop=cfg.merge.max_general_drop),
+            )
+            return chosen.alpha
+
+        alpha = decide_on_main(accelerator, search)
+    else:
+        alpha = float(cfg.merge.alpha)
+    encoder.load_state_dict(interpolate_state_dicts(tuned, base, alpha))
+    accelerator.print(f"merged: {alpha:g} x tuned + {1 - alpha:g} x {base_name}")
+    return {"alpha": alpha, **out}
 
 
 def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:

@@ -230,6 +230,8 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
         ContrastiveConfig, "contrastive", section, cfg, source,
         name_or_path=model, output_dir=str(root / "3-contrastive"), export=export,
     )  # fmt: skip
+    if contrastive_cfg.merge.base is None:  # merge back towards the starting model, not RetroMAE's output
+        contrastive_cfg.merge.base = cfg.model.name_or_path
 
     mining_run = None
     if cfg.mining is not None and cfg.mining.enabled:
@@ -471,10 +473,12 @@ def write_card(cfg: EmberConfig, final: Stage, rows: list[dict[str, Any]], comma
     assert export_dir is not None
     training = to_dict(cfg)
     training["model"].update(read_sentence_transformers_settings(export_dir))  # the settings as exported
-    after = [EvalResult.from_dict(r) for r in final.results().get("eval_after") or []]
+    results = final.results()
+    after = [EvalResult.from_dict(r) for r in results.get("eval_after") or []]
     card = model_card(
         cfg, export_dir, command=command, results=after, training=training,
         data_summary=rows[-1]["data"], stages=rows, matryoshka_dims=read_matryoshka_dims(export_dir),
+        selected=results.get("selected"), merge=results.get("merge"),
     )  # fmt: skip
     (export_dir / "README.md").write_text(card, encoding="utf-8")
 

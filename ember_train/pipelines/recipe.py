@@ -77,6 +77,8 @@ def model_card(
     data_summary: str | None = None,
     stages: list[dict[str, Any]] | None = None,
     matryoshka_dims: list[int] | None = None,
+    selected: dict[str, Any] | None = None,
+    merge: dict[str, Any] | None = None,
 ) -> str:
     """The export's README: the config as run (``training``, default the whole config) and results."""
     return render_model_card(
@@ -88,6 +90,8 @@ def model_card(
         data_summary=data_summary,
         stages=stages,
         matryoshka_dims=matryoshka_dims,
+        selected=selected,
+        merge=merge,
     )
 
 

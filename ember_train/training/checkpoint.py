@@ -45,6 +45,11 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
     nonfinite_streak: int = 0
+    last_eval_step: int = 0  # the step of the latest evaluation during training (0: none yet)
+    # eval.select: the best evaluation so far; its weights are in <output_dir>/best/step_N
+    best_step: int = 0  # 0 = none yet
+    best_score: float | None = None
+    best_select: str | None = None  # the eval.select that chose it (another one starts afresh)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +125,7 @@ RESUMABLE_CHANGES = (
     "train.wandb_project",
     "train.wandb_run_name",
     "eval.",
+    "merge.",  # applied after training
     "export.",
 )
 
@@ -328,3 +334,68 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     raise FileNotFoundError(
         f"{checkpoint} has neither model.safetensors nor a DeepSpeed checkpoint (is it an ember-train checkpoint?)"
     )
+
+
+BEST_DIR = "best"
+BEST_MARKER = "best.json"
+
+
+def best_weights_dir(output_dir: str | Path, step: int) -> Path:
+    """Where ``eval.select`` keeps the weights of the best evaluation (step ``step``)."""
+    return Path(output_dir) / BEST_DIR / f"step_{step:07d}"
+
+
+def save_best_weights(
+    accelerator: Accelerator, model: torch.nn.Module, output_dir: str | Path, step: int, record: dict
+) -> Path:
+    """Write the model's weights (every process calls: ZeRO-3 gathers them) and ``record`` (step,
+    score, metrics) atomically to :func:`best_weights_dir`.
+
+    On disk rather than in memory: a copy of BERT-large's weights is 1.3 GB of host memory for the
+    whole run, and the best-so-far must survive a resume anyway.
+    """
+    final = best_weights_dir(output_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, tmp, max_shard_size="1000GB", safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / BEST_MARKER).write_text(json.dumps(record, indent=2))
+        for file in tmp.iterdir():
+            _fsync(file)
+        shutil.rmtree(final, ignore_errors=True)  # a replayed step after a resume: same weights
+        os.replace(tmp, final)
+        _fsync(final.parent)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_best_record(output_dir: str | Path, step: int) -> dict:
+    """The record :func:`save_best_weights` wrote for ``step``; a clear error when it is gone."""
+    path = best_weights_dir(output_dir, step) / BEST_MARKER
+    if not path.is_file():
+        raise CheckpointError(
+            f"eval.select: the best weights of step {step} ({path.parent}) are missing; they were deleted, "
+            "or the run was resumed from a checkpoint older than the ones kept"
+        )
+    return json.loads(path.read_text())
+
+
+def prune_best_weights(output_dir: str | Path, current: int) -> None:
+    """Main process: delete best-weights folders that neither ``current`` nor a kept checkpoint names
+    (a resume from that checkpoint needs the best weights it knew)."""
+    root = Path(output_dir) / BEST_DIR
+    if not root.is_dir():
+        return
+    keep = {current}
+    for checkpoint in list_checkpoints(output_dir):
+        marker = _read_marker(checkpoint)
+        if marker is not None:
+            keep.add(int(marker["state"].get("best_step", 0)))
+    for path in root.iterdir():
+        match = re.match(r"^(?:\.tmp-)?step_(\d+)$", path.name)
+        if match and (path.name.startswith(".tmp-") or int(match.group(1)) not in keep):
+            shutil.rmtree(path, ignore_errors=True)

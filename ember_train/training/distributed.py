@@ -7,7 +7,7 @@ Gathering embeddings with exact gradients (cross-device negatives) is the losses
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,31 @@ def global_count(
     t = torch.tensor([local_count], device=device)
     dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def decide_on_main(accelerator: Any, compute: Callable[[], float]) -> float:
+    """``compute()`` on the main process, the same number on every process.
+
+    A ValueError on the main process (a bad ``eval.select`` key) is raised on every process,
+    instead of leaving the others waiting in a collective for a process that has stopped.
+    """
+    value, error = 0.0, ""
+    if accelerator.is_main_process:
+        try:
+            value = float(compute())
+        except ValueError as e:
+            error = str(e)
+    if accelerator.num_processes == 1:
+        if error:
+            raise ValueError(error)
+        return value
+    packed = torch.tensor([value, 1.0 if error else 0.0], dtype=torch.float64, device=accelerator.device)
+    from accelerate.utils import broadcast
+
+    packed = broadcast(packed, from_process=0)
+    if packed[1].item():
+        raise ValueError(error or "the main process stopped the run (its error message says why)")
+    return float(packed[0].item())
 
 
 def cpu_process_group_kwargs() -> dict:

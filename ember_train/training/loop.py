@@ -31,13 +31,16 @@ from ember_train.training.checkpoint import (
     TrainState,
     check_resume_config,
     load_checkpoint,
+    prune_best_weights,
     resolve_resume,
+    save_best_weights,
     save_checkpoint,
 )
-from ember_train.training.distributed import cpu_process_group_kwargs
+from ember_train.training.distributed import cpu_process_group_kwargs, decide_on_main
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads, tell_deepspeed_the_device
 from ember_train.training.metrics_log import MetricsLogger
+from ember_train.training.select import MetricSelector
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     backward_in_step: bool = False,
     save_final_checkpoint: bool = True,
+    select: MetricSelector | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
@@ -144,6 +148,9 @@ def train_loop(
     its own backward passes through ``ctx`` (a :class:`StepContext`); the loop does the rest.
     ``save_final_checkpoint=False`` leaves the last checkpoint to a pipeline that changes the model
     after training (the SetFit-style head), so it is written once, complete.
+    With ``select`` (``eval.select``) the last step is evaluated too, and the weights of the best
+    evaluation so far are kept in ``<output_dir>/best/step_N``; the returned ``best_step`` names
+    them (0 when no evaluation ran). Every process takes the main process's decision.
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
@@ -172,6 +179,14 @@ def train_loop(
             f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
     saved = state.state_dict() if checkpoint is not None else None  # the newest checkpoint's state
+    if select is not None and state.best_select not in (None, str(select)):
+        logger.warning(
+            "eval.select changed from %s to %s since the checkpoint: the best step is chosen afresh",
+            state.best_select, select,
+        )  # fmt: skip
+        state.best_step, state.best_score = 0, None
+    if select is not None:
+        state.best_select = str(select)
 
     metrics_logger = MetricsLogger(accelerator, output_dir, cfg.report_to)
     progress = tqdm(
@@ -280,10 +295,12 @@ def train_loop(
                 last_logged = metrics_logger.flush(state.step, extra)
                 progress.set_postfix(_postfix(last_logged))
             if evaluate is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
-                _run_eval(accelerator, evaluate, metrics_logger, state.step)
+                _evaluate(accelerator, model, evaluate, metrics_logger, state, select, output_dir)
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
                 saved = state.state_dict()
+                if select is not None and accelerator.is_main_process:
+                    prune_best_weights(output_dir, state.best_step)
             if state.step >= total_steps:
                 break
         else:
@@ -293,9 +310,14 @@ def train_loop(
         break
 
     progress.close()
+    # The last step is a candidate too (and its evaluation goes into the checkpoint's state).
+    if select is not None and evaluate is not None and state.last_eval_step != state.step:
+        _evaluate(accelerator, model, evaluate, metrics_logger, state, select, output_dir)
     speedups.release()
     if save_final_checkpoint and state.state_dict() != saved:  # not twice when the last step was saved
         save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+    if select is not None and accelerator.is_main_process:
+        prune_best_weights(output_dir, state.best_step)
     if zero.active(accelerator):
         zero.take_back_trained_model(accelerator, model)
     return {
@@ -303,6 +325,7 @@ def train_loop(
         "epoch": state.epoch,
         "train_seconds": time.perf_counter() - start_time,
         "last_metrics": last_logged,
+        "best_step": state.best_step,
         "model": zero.unwrap(accelerator, model),
     }
 
@@ -382,7 +405,9 @@ def _run_eval(
     evaluate: Callable[[], dict[str, float]],
     metrics_logger: MetricsLogger,
     step: int,
-) -> None:
+) -> dict[str, float]:
+    """Evaluate (main process), log and print; returns the metrics (empty on other processes)."""
+    results: dict[str, float] = {}
     # ZeRO-3: every forward gathers sharded parameters from all processes, so all of them evaluate.
     if accelerator.is_main_process or zero.is_zero3(accelerator):
         results = evaluate()
@@ -390,6 +415,32 @@ def _run_eval(
             metrics_logger.log(step, {f"eval/{k}": v for k, v in results.items()})
             accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
     accelerator.wait_for_everyone()
+    return results if accelerator.is_main_process else {}
+
+
+def _evaluate(
+    accelerator: Accelerator,
+    model: nn.Module,
+    evaluate: Callable[[], dict[str, float]],
+    metrics_logger: MetricsLogger,
+    state: TrainState,
+    select: MetricSelector | None,
+    output_dir: Path,
+) -> None:
+    """Evaluate at this step; with ``select``, keep these weights when they are the best so far."""
+    results = _run_eval(accelerator, evaluate, metrics_logger, state.step)
+    state.last_eval_step = state.step
+    if select is None:
+        return
+    score = decide_on_main(accelerator, lambda: select.score(results))  # one decision for every process
+    if not select.better(score, state.best_score):
+        return
+    state.best_step, state.best_score = state.step, score
+    record = {"step": state.step, "score": score, "select": str(select), "metrics": results}
+    save_best_weights(accelerator, model, output_dir, state.step, record)
+    if accelerator.is_main_process:
+        prune_best_weights(output_dir, state.best_step)
+        accelerator.print(f"step {state.step}: best so far by {select} = {score:.4f}")
 
 
 def _postfix(record: dict[str, float]) -> dict[str, str]:
