@@ -10,6 +10,7 @@ negatives) and the shared loop; this file reads like single-device code.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
+from ember_train.losses.distill import DistillationLoss
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import export_encoder
@@ -53,12 +55,39 @@ class LossConfig:
     num_negatives: int = 0  # hard negatives per query (group size - 1); rows must carry `neg`
     symmetric: bool = False  # add the document->query term
     gather_across_devices: bool = False  # in-batch negatives from every process
+    # Distillation (losses/distill.py): loss = infonce_weight * InfoNCE + distill_weight * KL(teacher || student)
+    # over each query's group; rows must carry `pos_score` and `neg_scores` (ember-train mine --teacher).
+    infonce_weight: float = 1.0  # 0 with distill_weight > 0: distillation alone
+    distill_weight: float = 0.0  # 0 = off
+    distill_temperature: float = 0.05  # T_student: the student's cosines are divided by it
+    distill_teacher_temperature: float = (
+        0.05  # T_teacher: 0.05 for an embedding teacher's cosines, 1 for logits
+    )
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.num_negatives < 0:
             raise ValueError("num_negatives must be >= 0")
+        for name in ("infonce_weight", "distill_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.infonce_weight == 0 and self.distill_weight == 0:
+            raise ValueError("infonce_weight and distill_weight are both 0: nothing to train")
+        for name in ("distill_temperature", "distill_teacher_temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.distill_weight > 0 and self.num_negatives < 1:
+            raise ValueError(
+                "distill_weight > 0 needs num_negatives >= 1: the teacher's distribution is over each "
+                "query's positive and hard negatives (a group of one has nothing to rank)"
+            )
+
+    @property
+    def distill(self) -> bool:
+        return self.distill_weight > 0
 
 
 @dataclass
@@ -125,8 +154,15 @@ def describe(before: list[EvalResult] | None, after: list[EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
-    """Embed queries and documents (positives, then negatives) and apply InfoNCE.
+def make_loss_step(
+    loss_fn: InfoNCELoss,
+    grad_cache_chunk_size: int = 0,
+    distill_fn: DistillationLoss | None = None,
+    infonce_weight: float = 1.0,
+    distill_weight: float = 0.0,
+):
+    """Embed queries and documents (positives, then negatives) and apply InfoNCE, and/or the
+    distillation KL against the batch's ``teacher_scores`` (``distill_fn``, weighted).
 
     With ``grad_cache_chunk_size > 0`` the step embeds in chunks through the gradient cache and
     runs its own backward passes (the loop is told so via ``backward_in_step``).
@@ -139,10 +175,24 @@ def make_loss_step(loss_fn: InfoNCELoss, grad_cache_chunk_size: int = 0):
         size = query.shape[0]
         num_negatives = documents.shape[0] // size - 1  # from shapes: no read of device values
         negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
-        return loss_fn(query, documents[:size], negatives)
+        if distill_fn is None:
+            loss = loss_fn(query, documents[:size], negatives)
+            return loss if infonce_weight == 1 else infonce_weight * loss
+        parts = {"distill_loss": distill_fn(query, documents[:size], negatives, batch["teacher_scores"])}
+        loss = distill_weight * parts["distill_loss"]
+        if infonce_weight > 0:
+            parts["infonce_loss"] = loss_fn(query, documents[:size], negatives)
+            loss = loss + infonce_weight * parts["infonce_loss"]
+        # For the logs: counts() runs after this on the same batch, in both step kinds.
+        batch["loss_parts"] = {k: v.detach() for k, v in parts.items()}
+        return loss
 
-    def counts(batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": float(batch["query_order"].shape[0]), **batch["token_counts"]}
+    def counts(batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "samples": float(batch["query_order"].shape[0]),
+            **batch["token_counts"],
+            **batch.pop("loss_parts", {}),
+        }
 
     return slices_loss_step(
         lambda batch: [*batch["query"], *batch["documents"]],
@@ -184,7 +234,13 @@ def make_dataloader(
         lengths=lengths,
     )
     layout = BatchLayout.from_config(cfg.train, pack)
-    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed, layout=layout)
+    collate = PairCollator(
+        encoder,
+        num_negatives=cfg.loss.num_negatives,
+        seed=cfg.seed,
+        layout=layout,
+        teacher_scores=cfg.loss.distill,
+    )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 
@@ -203,6 +259,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         on_bad_rows=cfg.data.on_bad_rows,
         num_negatives=cfg.loss.num_negatives,
         limit=cfg.data.max_examples,
+        teacher_scores=cfg.loss.distill,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
     layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
@@ -236,10 +293,22 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     loss_fn = InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices)
+    distill_fn = (
+        DistillationLoss(cfg.loss.distill_temperature, cfg.loss.distill_teacher_temperature)
+        if cfg.loss.distill
+        else None
+    )
+    loss_step = make_loss_step(
+        loss_fn,
+        cfg.train.grad_cache_chunk_size,
+        distill_fn=distill_fn,
+        infonce_weight=cfg.loss.infonce_weight,
+        distill_weight=cfg.loss.distill_weight,
+    )
     outcome = train_loop(
         accelerator=accelerator,
         model=encoder,
-        loss_step=make_loss_step(loss_fn, cfg.train.grad_cache_chunk_size),
+        loss_step=loss_step,
         dataloader=dataloader,
         cfg=cfg.train,
         output_dir=output_dir,
