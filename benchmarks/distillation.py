@@ -144,17 +144,18 @@ def main() -> None:
         )
 
     # 4. Two students: the mined file without and with the scores (same negatives, seed and steps).
-    negatives = f"loss.num_negatives={args.num_negatives}"
+    # A query the miner left without negatives cannot train with loss.num_negatives: skipped (counted), in both.
+    negatives = (f"loss.num_negatives={args.num_negatives}", "data.on_bad_rows=skip")
     runs = {
         "InfoNCE (hard negatives)": work / "student_infonce",
         f"InfoNCE + {args.distill_weight:g} x KL": work / "student_distill",
     }
-    _train(runs["InfoNCE (hard negatives)"], args.threads, f"data.train={mined}", negatives)
+    _train(runs["InfoNCE (hard negatives)"], args.threads, f"data.train={mined}", *negatives)
     _train(
         runs[f"InfoNCE + {args.distill_weight:g} x KL"],
         args.threads,
         f"data.train={scored}",
-        negatives,
+        *negatives,
         f"loss.distill_weight={args.distill_weight}",
         f"loss.distill_temperature={args.distill_temperature}",
         f"loss.distill_teacher_temperature={args.teacher_temperature}",

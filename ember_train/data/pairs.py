@@ -259,6 +259,9 @@ class PairCollator:
             return rng.sample(range(count), self.num_negatives)
         return [rng.randrange(count) for _ in range(self.num_negatives)]
 
+    def _negatives(self, example: PairExample) -> list[str]:
+        return [example.negatives[i] for i in self._negative_indices(example)]
+
     def __call__(self, examples: list[PairExample]) -> dict[str, Any]:
         documents = [e.positive for e in examples]
         groups = [self._negative_indices(e) if self.num_negatives else [] for e in examples]
