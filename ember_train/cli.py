@@ -190,37 +190,64 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def mine_command(args: argparse.Namespace) -> int:
-    from ember_train.evaluation.loading import load_encoder
-    from ember_train.evaluation.mining import mine_hard_negatives, read_corpus, read_pair_rows, write_jsonl
+    """Mine hard negatives with ``--model``, and/or score each row's group with ``--teacher``.
 
+    With ``--teacher`` alone the file's own negatives (``--neg-field``) are scored, not re-mined.
+    """
+    from ember_train.evaluation.loading import load_encoder
+    from ember_train.evaluation.mining import (
+        mine_hard_negatives,
+        read_corpus,
+        read_pair_rows,
+        score_pairs,
+        write_jsonl,
+    )
+
+    if not args.model and not args.teacher:
+        raise DataError(
+            "ember-train mine", None, "give --model (to mine negatives) and/or --teacher (to score them)"
+        )
     rows, bad = read_pair_rows(
-        args.pairs, query=args.query_field, pos=args.pos_field, on_bad_rows=args.on_bad_rows
+        args.pairs,
+        query=args.query_field,
+        pos=args.pos_field,
+        on_bad_rows=args.on_bad_rows,
+        neg=None if args.model else args.neg_field,
     )
     if bad.total:
         logger.warning("%s: %s", args.pairs, bad.summary())
-    corpus = (
-        read_corpus(args.corpus, field=args.corpus_field, on_bad_rows=args.on_bad_rows)
-        if args.corpus
-        else None
-    )
-    encoder = load_encoder(args.model, device=args.device)
     pairs = [{"query": r[args.query_field], "pos": r[args.pos_field]} for r in rows]
-    mined, stats = mine_hard_negatives(
-        encoder,
-        pairs,
-        corpus=corpus,
-        rank_window=args.rank_window,
-        margin=args.margin,
-        max_score_ratio=args.max_score_ratio or None,
-        num_negatives=args.num_negatives,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        use_faiss={"auto": None, "on": True, "off": False}[args.faiss],
-    )
-    out_rows = [{**row, args.neg_field: m["neg"]} for row, m in zip(rows, mined, strict=True)]
+    if args.model:
+        corpus = (
+            read_corpus(args.corpus, field=args.corpus_field, on_bad_rows=args.on_bad_rows)
+            if args.corpus
+            else None
+        )
+        encoder = load_encoder(args.model, device=args.device)
+        pairs, stats = mine_hard_negatives(
+            encoder,
+            pairs,
+            corpus=corpus,
+            rank_window=args.rank_window,
+            margin=args.margin,
+            max_score_ratio=args.max_score_ratio or None,
+            num_negatives=args.num_negatives,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            use_faiss={"auto": None, "on": True, "off": False}[args.faiss],
+        )
+        print(f"{stats.summary()}; skipped input rows: {bad.total}")
+    else:
+        pairs = [{**pair, "neg": row[args.neg_field]} for pair, row in zip(pairs, rows, strict=True)]
+    out_rows = [{**row, args.neg_field: pair["neg"]} for row, pair in zip(rows, pairs, strict=True)]
+    if args.teacher:
+        teacher = load_encoder(args.teacher, device=args.device)
+        scores = score_pairs(teacher, pairs, batch_size=args.batch_size)
+        for row, (pos_score, neg_scores) in zip(out_rows, scores, strict=True):
+            row[args.pos_score_field], row[args.neg_scores_field] = pos_score, neg_scores
+        print(f"scored {len(out_rows)} rows with the teacher {args.teacher}; skipped input rows: {bad.total}")
     write_jsonl(out_rows, args.output)
-    print(f"{stats.summary()}; skipped input rows: {bad.total}")
     print(f"wrote {len(out_rows)} rows to {args.output}")
     return 0
 
@@ -300,15 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(handler=eval_command)
 
-    mine = sub.add_parser("mine", help="mine hard negatives for a pair file")
-    mine.add_argument("--model", required=True)
-    mine.add_argument("--pairs", required=True, help="pair file (query, pos) as JSONL/CSV/Parquet")
-    mine.add_argument("--output", required=True, help="output JSONL with a `neg` list per row")
+    mine = sub.add_parser(
+        "mine", help="mine hard negatives for a pair file, and/or score them with a teacher (distillation)"
+    )
+    mine.add_argument(
+        "--model", help="the model that mines negatives (without it, --teacher scores the file's own)"
+    )
+    mine.add_argument(
+        "--teacher",
+        help="embedding model whose cosine similarities of query with pos and each neg are written "
+        "(pos_score, neg_scores) for loss.distill_weight",
+    )
+    mine.add_argument("--pairs", required=True, help="pair file (query, pos[, neg]) as JSONL/CSV/Parquet")
+    mine.add_argument(
+        "--output", required=True, help="output JSONL with a `neg` list (and the teacher's scores) per row"
+    )
     mine.add_argument("--corpus", help="file of documents to mine from (default: every distinct positive)")
     mine.add_argument("--corpus-field", default="text", help="field holding the document text in --corpus")
     mine.add_argument("--query-field", default="query")
     mine.add_argument("--pos-field", default="pos")
     mine.add_argument("--neg-field", default="neg")
+    mine.add_argument(
+        "--pos-score-field", default="pos_score", help="where --teacher writes the positive's score"
+    )
+    mine.add_argument(
+        "--neg-scores-field", default="neg_scores", help="where --teacher writes the negatives' scores"
+    )
     mine.add_argument(
         "--rank-window", type=_window, default=(10, 100), help="START,END: take ranks START+1..END"
     )

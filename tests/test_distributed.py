@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,70 @@ def test_map_sharded_on_one_process_is_a_plain_call():
     from ember_train.training.distributed import map_sharded
 
     assert map_sharded(lambda xs: [x * 2 for x in xs], range(5)) == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_distillation_on_two_processes_with_uneven_batches_equals_one_process(
+    tmp_path, tiny_bert_path, chunk
+):
+    """InfoNCE (gathered) + KL: the KL needs no gather, but its mean is over the global batch."""
+    import sys
+
+    from ember_train.losses.distill import DistillationLoss
+
+    out = tmp_path / "distill.pt"
+    _launch(os.path.join(HERE, "distributed", "distill_check.py"), tiny_bert_path, out, chunk)
+    result = torch.load(out, weights_only=False)
+
+    sys.path.insert(0, os.path.join(HERE, "distributed"))
+    try:
+        from distill_groups import SIZES, group
+    finally:
+        sys.path.pop(0)
+    groups = [group(i) for i in range(sum(SIZES))]
+
+    torch.manual_seed(0)
+    encoder = Encoder.from_pretrained(tiny_bert_path, max_seq_length=16).double().eval()
+    q = encoder(encoder.tokenize([g[0] for g in groups]))
+    d = encoder(encoder.tokenize([g[1] for g in groups] + [t for g in groups for t in g[2]]))
+    n = d[5:].view(5, 2, -1)
+    teacher = torch.tensor([g[3] for g in groups], dtype=torch.float64)
+    loss = InfoNCELoss(0.05)(q, d[:5], n) + 0.5 * DistillationLoss(0.1, 0.05)(q, d[:5], n, teacher)
+    loss.backward()
+
+    # Each process scales its sum by world / global count, so the processes' mean is the global mean.
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    compared = 0
+    for name, param in encoder.named_parameters():
+        if param.grad is None:
+            continue
+        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-9, atol=1e-12)
+        compared += 1
+    assert compared > 10
+
+
+@pytest.mark.slow
+def test_two_process_training_with_distillation_through_the_grad_cache(tmp_path, tiny_bert_path):
+    repo = os.path.dirname(HERE)
+    lines = Path(repo, "data/quickstart/train.jsonl").read_text().splitlines()[:20]
+    rows = [json.loads(line) for line in lines]
+    for i, row in enumerate(rows):
+        row["neg"] = [rows[(i + 1) % 20]["pos"], rows[(i + 7) % 20]["pos"]]
+        row["pos_score"], row["neg_scores"] = 0.8, [0.4 + i / 100, 0.3]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(
+        f"task: contrastive\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 24}}\n"
+        f"data: {{train: {data}}}\n"
+        "loss: {num_negatives: 2, gather_across_devices: true, distill_weight: 1.0}\n"
+        "train: {batch_size: 3, epochs: 1, grad_cache_chunk_size: 2, log_every: 1}\n"
+    )
+    done = _launch(os.path.join(repo, "train.py"), "--config", cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 4, done.stdout[-2000:]  # 20 pairs / (3 per process x 2): 3 full batches + 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["distill_loss"] > 0 for r in records if "loss" in r)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

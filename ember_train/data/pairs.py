@@ -1,17 +1,22 @@
 """Pair data for contrastive tuning: (query, positive[, hard negatives]), validated before training.
 
 Schema per row: ``query`` (string), ``pos`` (string or non-empty list of strings), optional
-``neg`` (list of strings). Other column names are mapped in the config. A row with several
-positives becomes one example per positive; the sampler keeps copies of a query out of the
-same batch, so they never act as each other's negatives.
+``neg`` (list of strings), and for distillation the teacher's scores: ``pos_score`` (a number, or
+one per positive when ``pos`` is a list) and ``neg_scores`` (one number per ``neg``), as
+``ember-train mine --teacher`` writes them. Other column names are mapped in the config. A row
+with several positives becomes one example per positive; the sampler keeps copies of a query out
+of the same batch, so they never act as each other's negatives.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ember_train.data.batching import PADDED, BatchLayout, token_counts
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
@@ -22,11 +27,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PairColumns:
-    """Names of the columns holding the query, the positive(s) and the hard negatives."""
+    """Names of the columns holding the query, the positive(s), the hard negatives and the teacher's scores."""
 
     query: str = "query"
     pos: str = "pos"
     neg: str = "neg"
+    pos_score: str = "pos_score"
+    neg_scores: str = "neg_scores"
 
 
 @dataclass
@@ -34,6 +41,9 @@ class PairExample:
     query: str
     positive: str
     negatives: list[str] = field(default_factory=list)
+    # The teacher's scores for (query, positive) and (query, each negative): read only for distillation.
+    positive_score: float | None = None
+    negative_scores: list[float] | None = None
 
 
 def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empty: bool) -> list[str]:
@@ -53,10 +63,78 @@ def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empt
     return [check_text(v, source=source, row=row, field=f"{field_name}[{i}]") for i, v in enumerate(value)]
 
 
+def _score(value: Any, *, source: str, row: int, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            source,
+            row,
+            f"field {field_name!r} must be a finite number, got {value!r}",
+            reason=f"bad {field_name}",
+        )
+    return float(value)
+
+
+def _teacher_scores(
+    record: dict, *, columns: PairColumns, source: str, row: int, num_positives: int, num_negs: int
+) -> tuple[list[float], list[float]]:
+    """The teacher's score per positive and per negative; both must be there, and match in count."""
+    for name in (columns.pos_score, columns.neg_scores):
+        if record.get(name) is None:
+            raise DataError(
+                source,
+                row,
+                f"field {name!r} is missing (distillation, loss.distill_weight > 0, needs the teacher's "
+                "scores on every row: ember-train mine --teacher writes them)",
+                reason=f"missing {name}",
+            )
+    pos_value, neg_value = record[columns.pos_score], record[columns.neg_scores]
+    pos_values = pos_value if isinstance(pos_value, list) else [pos_value]
+    if len(pos_values) != num_positives:
+        raise DataError(
+            source,
+            row,
+            f"field {columns.pos_score!r} has {len(pos_values)} scores for {num_positives} positives",
+            reason=f"bad {columns.pos_score}",
+        )
+    if not isinstance(neg_value, list) or len(neg_value) != num_negs:
+        count = f"{len(neg_value)} scores" if isinstance(neg_value, list) else f"a {type(neg_value).__name__}"
+        raise DataError(
+            source,
+            row,
+            f"field {columns.neg_scores!r} has {count} for {num_negs} negatives in {columns.neg!r} "
+            "(one score per negative, in the same order)",
+            reason=f"bad {columns.neg_scores}",
+        )
+    pos_scores = [
+        _score(
+            v,
+            source=source,
+            row=row,
+            field_name=columns.pos_score if not isinstance(pos_value, list) else f"{columns.pos_score}[{i}]",
+        )
+        for i, v in enumerate(pos_values)
+    ]
+    neg_scores = [
+        _score(v, source=source, row=row, field_name=f"{columns.neg_scores}[{i}]")
+        for i, v in enumerate(neg_value)
+    ]
+    return pos_scores, neg_scores
+
+
 def parse_pair_row(
-    record: dict, *, columns: PairColumns, source: str, row: int, num_negatives: int
+    record: dict,
+    *,
+    columns: PairColumns,
+    source: str,
+    row: int,
+    num_negatives: int,
+    teacher_scores: bool = False,
 ) -> list[PairExample]:
-    """Validate one row and expand it into one example per positive."""
+    """Validate one row and expand it into one example per positive.
+
+    With ``teacher_scores`` (distillation on) the row must carry a score for each positive and
+    each negative; otherwise the score columns are not read.
+    """
     if columns.query not in record:
         raise DataError(source, row, f"field {columns.query!r} is missing", reason=f"missing {columns.query}")
     query = check_text(record.get(columns.query), source=source, row=row, field=columns.query)
@@ -80,7 +158,15 @@ def parse_pair_row(
             f"field {columns.neg!r} needs at least one hard negative (loss.num_negatives={num_negatives})",
             reason=f"missing {columns.neg}",
         )
-    return [PairExample(query, p, negatives) for p in positives]
+    if not teacher_scores:
+        return [PairExample(query, p, negatives) for p in positives]
+    pos_scores, neg_scores = _teacher_scores(
+        record, columns=columns, source=source, row=row, num_positives=len(positives), num_negs=len(negatives)
+    )
+    return [
+        PairExample(query, p, negatives, positive_score=s, negative_scores=neg_scores)
+        for p, s in zip(positives, pos_scores, strict=True)
+    ]
 
 
 def load_pairs(
@@ -91,8 +177,12 @@ def load_pairs(
     on_bad_rows: str = "error",
     num_negatives: int = 0,
     limit: int | None = None,
+    teacher_scores: bool = False,
 ) -> tuple[list[PairExample], BadRows]:
-    """Read and validate every row of ``source``; errors name the file, row and field."""
+    """Read and validate every row of ``source``; errors name the file, row and field.
+
+    ``teacher_scores``: every row must carry the teacher's scores (distillation).
+    """
     columns = columns or PairColumns()
     bad = BadRows()
     examples: list[PairExample] = []
@@ -105,7 +195,14 @@ def load_pairs(
         rows += 1
         try:
             examples.extend(
-                parse_pair_row(record, columns=columns, source=file, row=row, num_negatives=num_negatives)
+                parse_pair_row(
+                    record,
+                    columns=columns,
+                    source=file,
+                    row=row,
+                    num_negatives=num_negatives,
+                    teacher_scores=teacher_scores,
+                )
             )
         except DataError as e:
             handle_bad_row(e, on_bad_rows, bad)
@@ -134,33 +231,45 @@ class PairCollator:
     (:func:`~ember_train.data.batching.tokenize_packed`), sorted and cut the same way for attention.
     ``query_order``/``document_order`` put the slices' rows back in text order
     (:func:`~ember_train.data.batching.restore_order`); ``token_counts`` are for the logs.
+    With ``teacher_scores`` the batch also holds ``teacher_scores [B, 1 + num_negatives]``: each
+    query's group (its positive, then the negatives drawn for it) as the teacher scored it.
     """
 
     def __init__(
-        self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, layout: BatchLayout = PADDED
+        self,
+        encoder: Encoder,
+        num_negatives: int = 0,
+        seed: int = 0,
+        layout: BatchLayout = PADDED,
+        teacher_scores: bool = False,
     ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
         self.layout = layout
+        self.teacher_scores = teacher_scores
+
+    def _negative_indices(self, example: PairExample) -> list[int]:
+        """Which of the example's negatives go in the batch: indices, so their scores follow them."""
+        count = len(example.negatives)
+        if count == self.num_negatives:
+            return list(range(count))
+        rng = random.Random(f"{self.seed}:{example.query}")
+        if count > self.num_negatives:
+            return rng.sample(range(count), self.num_negatives)
+        return [rng.randrange(count) for _ in range(self.num_negatives)]
 
     def _negatives(self, example: PairExample) -> list[str]:
-        negatives = example.negatives
-        if len(negatives) == self.num_negatives:
-            return list(negatives)
-        rng = random.Random(f"{self.seed}:{example.query}")
-        if len(negatives) > self.num_negatives:
-            return rng.sample(negatives, self.num_negatives)
-        return [rng.choice(negatives) for _ in range(self.num_negatives)]
+        return [example.negatives[i] for i in self._negative_indices(example)]
 
     def __call__(self, examples: list[PairExample]) -> dict[str, Any]:
         documents = [e.positive for e in examples]
-        if self.num_negatives:
-            for e in examples:
-                documents.extend(self._negatives(e))
+        groups = [self._negative_indices(e) if self.num_negatives else [] for e in examples]
+        for e, chosen in zip(examples, groups, strict=True):
+            documents.extend(e.negatives[i] for i in chosen)
         queries, query_order = self.layout.tokenize(self.encoder, [e.query for e in examples], "query")
         documents, document_order = self.layout.tokenize(self.encoder, documents, "document")
-        return {
+        batch = {
             "query": queries,
             "query_order": query_order,
             "documents": documents,
@@ -168,3 +277,12 @@ class PairCollator:
             # Counted here, on the host: after the batch moves to a GPU, reading them would stall it.
             "token_counts": token_counts(*queries, *documents),
         }
+        if self.teacher_scores:
+            batch["teacher_scores"] = torch.tensor(
+                [
+                    [e.positive_score, *(e.negative_scores[i] for i in chosen)]  # type: ignore[index]
+                    for e, chosen in zip(examples, groups, strict=True)
+                ],
+                dtype=torch.float32,
+            )
+        return batch

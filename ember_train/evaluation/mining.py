@@ -17,6 +17,10 @@ Procedure (the usual recipe for contrastive tuning data):
 
 The output keeps every input field and sets ``neg`` to a list of strings: the pair schema
 :mod:`ember_train.data.pairs` reads.
+
+For distillation, :func:`score_pairs` adds a teacher's scores: the cosine similarity of each
+query with its positive(s) (``pos_score``) and with each of its negatives (``neg_scores``, in
+order), from an embedding model (``ember-train mine --teacher``).
 """
 
 from __future__ import annotations
@@ -161,6 +165,40 @@ def mine_hard_negatives(
     return out, stats
 
 
+def score_pairs(
+    teacher: SupportsEncode,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> list[tuple[float | list[float], list[float]]]:
+    """The teacher's cosine similarity of each row's query with its positive(s) and its ``neg`` list.
+
+    Rows need ``query``, ``pos`` (str or list of str) and ``neg`` (list of str). Per row: the
+    positive's score (a list, one per positive, when ``pos`` is a list) and the negatives' scores.
+    Each distinct text is embedded once.
+    """
+    queries = list(dict.fromkeys(row["query"] for row in rows))
+    documents = list(dict.fromkeys(d for row in rows for d in [*_positives(row), *row["neg"]]))
+    if show_progress:
+        logger.info("teacher: embedding %d queries and %d documents", len(queries), len(documents))
+    q_emb = F.normalize(encode(teacher, queries, batch_size=batch_size, kind="query"), dim=-1)
+    d_emb = F.normalize(encode(teacher, documents, batch_size=batch_size, kind="document"), dim=-1)
+    q_index = {text: i for i, text in enumerate(queries)}
+    d_index = {text: i for i, text in enumerate(documents)}
+
+    def scores(query: str, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        return (d_emb[[d_index[t] for t in texts]] @ q_emb[q_index[query]]).tolist()
+
+    out: list[tuple[float | list[float], list[float]]] = []
+    for row in rows:
+        pos = scores(row["query"], _positives(row))
+        out.append((pos[0] if isinstance(row["pos"], str) else pos, scores(row["query"], row["neg"])))
+    return out
+
+
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write rows as UTF-8 JSONL (one object per line)."""
     path = Path(path)
@@ -172,9 +210,10 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
 
 
 def read_pair_rows(
-    path: str, *, query: str, pos: str, on_bad_rows: str
+    path: str, *, query: str, pos: str, on_bad_rows: str, neg: str | None = None
 ) -> tuple[list[dict[str, Any]], BadRows]:
-    """Rows with a valid query and positive(s); every other field is kept as is."""
+    """Rows with a valid query and positive(s) (and with ``neg``, a list of negatives to score);
+    every other field is kept as is."""
     bad = BadRows()
     rows = []
     for row, record in iter_records(path, on_error=lambda e: handle_bad_row(e, on_bad_rows, bad)):
@@ -186,6 +225,18 @@ def read_pair_rows(
                 raise DataError(path, row, f"field {pos!r} must be a string or a non-empty list of strings")
             for i, v in enumerate(values):
                 check_text(v, source=path, row=row, field=pos if isinstance(value, str) else f"{pos}[{i}]")
+            if neg is not None:
+                negatives = record.get(neg)
+                if not isinstance(negatives, list):
+                    raise DataError(
+                        path,
+                        row,
+                        f"field {neg!r} must be a list of negatives to score, got "
+                        f"{type(negatives).__name__ if negatives is not None else 'nothing'} "
+                        "(give --model to mine them)",
+                    )
+                for i, v in enumerate(negatives):
+                    check_text(v, source=path, row=row, field=f"{neg}[{i}]")
         except DataError as e:
             handle_bad_row(e, on_bad_rows, bad)
             continue

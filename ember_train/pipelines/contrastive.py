@@ -27,6 +27,7 @@ from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.dims import check_eval_dims, evaluate_at_dims
 from ember_train.evaluation.retrieval import RetrievalEvaluator
 from ember_train.evaluation.tasks import load_tasks
+from ember_train.losses.distill import DistillationLoss
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.losses.matryoshka import check_dims_fit, check_matryoshka_dims, with_matryoshka
 from ember_train.models import Encoder
@@ -63,6 +64,14 @@ class LossConfig:
     # descending; include the model's dimension to train the full vector). Empty: off.
     matryoshka_dims: list[int] = field(default_factory=list)
     matryoshka_weights: list[float] | None = None  # one per dimension; default all 1
+    # Distillation (losses/distill.py): loss = infonce_weight * InfoNCE + distill_weight * KL(teacher || student)
+    # over each query's group; rows must carry `pos_score` and `neg_scores` (ember-train mine --teacher).
+    infonce_weight: float = 1.0  # 0 with distill_weight > 0: distillation alone
+    distill_weight: float = 0.0  # 0 = off
+    distill_temperature: float = 0.05  # T_student: the student's cosines are divided by it
+    distill_teacher_temperature: float = (
+        0.05  # T_teacher: 0.05 for an embedding teacher's cosines, 1 for logits
+    )
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -70,6 +79,25 @@ class LossConfig:
         if self.num_negatives < 0:
             raise ValueError("num_negatives must be >= 0")
         check_matryoshka_dims(self.matryoshka_dims, self.matryoshka_weights)
+        for name in ("infonce_weight", "distill_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.infonce_weight == 0 and self.distill_weight == 0:
+            raise ValueError("infonce_weight and distill_weight are both 0: nothing to train")
+        for name in ("distill_temperature", "distill_teacher_temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.distill_weight > 0 and self.num_negatives < 1:
+            raise ValueError(
+                "distill_weight > 0 needs num_negatives >= 1: the teacher's distribution is over each "
+                "query's positive and hard negatives (a group of one has nothing to rank)"
+            )
+
+    @property
+    def distill(self) -> bool:
+        return self.distill_weight > 0
 
 
 @dataclass
@@ -202,8 +230,15 @@ def describe(before: list[EvalResult] | None, after: list[EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def make_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0):
-    """Embed queries and documents (positives, then negatives) and apply InfoNCE (or its Matryoshka wrapper).
+def make_loss_step(
+    loss_fn: torch.nn.Module,
+    grad_cache_chunk_size: int = 0,
+    distill_fn: DistillationLoss | None = None,
+    infonce_weight: float = 1.0,
+    distill_weight: float = 0.0,
+):
+    """Embed queries and documents (positives, then negatives) and apply InfoNCE (or its Matryoshka
+    wrapper), and/or the distillation KL against the batch's ``teacher_scores`` (``distill_fn``).
 
     With ``grad_cache_chunk_size > 0`` the step embeds in chunks through the gradient cache and
     runs its own backward passes (the loop is told so via ``backward_in_step``).
@@ -216,10 +251,24 @@ def make_loss_step(loss_fn: torch.nn.Module, grad_cache_chunk_size: int = 0):
         size = query.shape[0]
         num_negatives = documents.shape[0] // size - 1  # from shapes: no read of device values
         negatives = documents[size:].view(size, num_negatives, -1) if num_negatives else None
-        return loss_fn(query, documents[:size], negatives)
+        if distill_fn is None:
+            loss = loss_fn(query, documents[:size], negatives)
+            return loss if infonce_weight == 1 else infonce_weight * loss
+        parts = {"distill_loss": distill_fn(query, documents[:size], negatives, batch["teacher_scores"])}
+        loss = distill_weight * parts["distill_loss"]
+        if infonce_weight > 0:
+            parts["infonce_loss"] = loss_fn(query, documents[:size], negatives)
+            loss = loss + infonce_weight * parts["infonce_loss"]
+        # For the logs: counts() runs after this on the same batch, in both step kinds.
+        batch["loss_parts"] = {k: v.detach() for k, v in parts.items()}
+        return loss
 
-    def counts(batch: dict[str, Any]) -> dict[str, float]:
-        return {"samples": float(batch["query_order"].shape[0]), **batch["token_counts"]}
+    def counts(batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "samples": float(batch["query_order"].shape[0]),
+            **batch["token_counts"],
+            **batch.pop("loss_parts", {}),
+        }
 
     return slices_loss_step(
         lambda batch: [*batch["query"], *batch["documents"]],
@@ -261,7 +310,13 @@ def make_dataloader(
         lengths=lengths,
     )
     layout = BatchLayout.from_config(cfg.train, pack)
-    collate = PairCollator(encoder, num_negatives=cfg.loss.num_negatives, seed=cfg.seed, layout=layout)
+    collate = PairCollator(
+        encoder,
+        num_negatives=cfg.loss.num_negatives,
+        seed=cfg.seed,
+        layout=layout,
+        teacher_scores=cfg.loss.distill,
+    )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
 
@@ -294,6 +349,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         on_bad_rows=cfg.data.on_bad_rows,
         num_negatives=cfg.loss.num_negatives,
         limit=cfg.data.max_examples,
+        teacher_scores=cfg.loss.distill,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
     layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
@@ -330,10 +386,22 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         cfg.loss.matryoshka_dims,
         cfg.loss.matryoshka_weights,
     )
+    distill_fn = (
+        DistillationLoss(cfg.loss.distill_temperature, cfg.loss.distill_teacher_temperature)
+        if cfg.loss.distill
+        else None
+    )
+    loss_step = make_loss_step(
+        loss_fn,
+        cfg.train.grad_cache_chunk_size,
+        distill_fn=distill_fn,
+        infonce_weight=cfg.loss.infonce_weight,
+        distill_weight=cfg.loss.distill_weight,
+    )
     outcome = train_loop(
         accelerator=accelerator,
         model=encoder,
-        loss_step=make_loss_step(loss_fn, cfg.train.grad_cache_chunk_size),
+        loss_step=loss_step,
         dataloader=dataloader,
         cfg=cfg.train,
         output_dir=output_dir,
