@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ember_train.data.batching import PADDED, BatchLayout, token_counts
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
-from ember_train.models.encoder import Encoder
+from ember_train.models.encoder import Encoder, TextKind
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,17 @@ class PairExample:
     query: str
     positive: str
     negatives: list[str] = field(default_factory=list)
+    dataset: int = 0  # index of its training dataset in a mixture (:class:`PairSource`)
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """What differs between the datasets of a mixture, per example in a batch."""
+
+    name: str
+    num_negatives: int = 0  # hard negatives per query
+    query_prefix: str | None = None  # None: the model's (``model.query_prefix``)
+    document_prefix: str | None = None
 
 
 def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empty: bool) -> list[str]:
@@ -134,32 +146,64 @@ class PairCollator:
     (:func:`~ember_train.data.batching.tokenize_packed`), sorted and cut the same way for attention.
     ``query_order``/``document_order`` put the slices' rows back in text order
     (:func:`~ember_train.data.batching.restore_order`); ``token_counts`` are for the logs.
+
+    With ``sources`` (a mixture of datasets), each example's :class:`PairSource` sets its hard
+    negatives (one count per batch: the sampler's one-dataset batches, or one count for all) and
+    its prefixes, which replace the model's for that example.
     """
 
     def __init__(
-        self, encoder: Encoder, num_negatives: int = 0, seed: int = 0, layout: BatchLayout = PADDED
+        self,
+        encoder: Encoder,
+        num_negatives: int = 0,
+        seed: int = 0,
+        layout: BatchLayout = PADDED,
+        sources: Sequence[PairSource] | None = None,
     ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
         self.layout = layout
+        self.sources = sources
 
-    def _negatives(self, example: PairExample) -> list[str]:
+    def _negatives(self, example: PairExample, num_negatives: int | None = None) -> list[str]:
+        count = self.num_negatives if num_negatives is None else num_negatives
         negatives = example.negatives
-        if len(negatives) == self.num_negatives:
+        if len(negatives) == count:
             return list(negatives)
         rng = random.Random(f"{self.seed}:{example.query}")
-        if len(negatives) > self.num_negatives:
-            return rng.sample(negatives, self.num_negatives)
-        return [rng.choice(negatives) for _ in range(self.num_negatives)]
+        if len(negatives) > count:
+            return rng.sample(negatives, count)
+        return [rng.choice(negatives) for _ in range(count)]
+
+    def _batch_negatives(self, examples: list[PairExample]) -> int:
+        if not self.sources:
+            return self.num_negatives
+        counts = {self.sources[e.dataset].num_negatives for e in examples}
+        if len(counts) > 1:
+            raise ValueError(f"a batch mixes datasets with different num_negatives ({sorted(counts)})")
+        return counts.pop()
 
     def __call__(self, examples: list[PairExample]) -> dict[str, Any]:
+        num_negatives = self._batch_negatives(examples)
         documents = [e.positive for e in examples]
-        if self.num_negatives:
+        owners = list(examples)  # the example each document belongs to (for its prefix)
+        if num_negatives:
             for e in examples:
-                documents.extend(self._negatives(e))
-        queries, query_order = self.layout.tokenize(self.encoder, [e.query for e in examples], "query")
-        documents, document_order = self.layout.tokenize(self.encoder, documents, "document")
+                documents.extend(self._negatives(e, num_negatives))
+                owners.extend([e] * num_negatives)
+        queries = [e.query for e in examples]
+        query_kind: TextKind | None = "query"
+        document_kind: TextKind | None = "document"
+        if self.sources and any(
+            s.query_prefix is not None or s.document_prefix is not None for s in self.sources
+        ):
+            queries, query_kind = source_prefixed(self.encoder, self.sources, examples, queries, "query")
+            documents, document_kind = source_prefixed(
+                self.encoder, self.sources, owners, documents, "document"
+            )
+        queries, query_order = self.layout.tokenize(self.encoder, queries, query_kind)
+        documents, document_order = self.layout.tokenize(self.encoder, documents, document_kind)
         return {
             "query": queries,
             "query_order": query_order,
@@ -168,3 +212,16 @@ class PairCollator:
             # Counted here, on the host: after the batch moves to a GPU, reading them would stall it.
             "token_counts": token_counts(*queries, *documents),
         }
+
+
+def source_prefixed(
+    encoder: Encoder,
+    sources: Sequence[PairSource],
+    owners: Sequence[PairExample],
+    texts: Sequence[str],
+    kind: TextKind,
+) -> tuple[list[str], None]:
+    """``texts`` with the prefix of each owner's dataset (the model's where it sets none), and
+    the kind to tokenize them as: None, so that the encoder adds no prefix of its own."""
+    prefixes = [encoder.prefix(kind) if (p := getattr(s, f"{kind}_prefix")) is None else p for s in sources]
+    return [prefixes[o.dataset] + t for o, t in zip(owners, texts, strict=True)], None
