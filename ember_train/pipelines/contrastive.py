@@ -10,6 +10,7 @@ negatives) and the shared loop; this file reads like single-device code.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -312,10 +313,10 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     # Data first: a missing or broken file stops the run before the model is loaded.
     examples, bad_rows = load_training_pairs(cfg)
     sources = pair_sources(cfg)
-    for source, bad in zip(sources, bad_rows, strict=True):
-        loaded = sum(e.dataset == sources.index(source) for e in examples)
+    loaded = Counter(e.dataset for e in examples)
+    for d, (source, bad) in enumerate(zip(sources, bad_rows, strict=True)):
         name = f" ({source.name})" if len(sources) > 1 else ""
-        accelerator.print(f"training pairs{name}: {loaded} ({bad.summary()})")
+        accelerator.print(f"training pairs{name}: {loaded[d]} ({bad.summary()})")
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
     if cfg.train.gradient_checkpointing:
@@ -374,7 +375,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         "last_metrics": outcome["last_metrics"],
         "datasets": {
             source.name: {
-                "examples": sum(e.dataset == d for e in examples),
+                "examples": loaded[d],
                 "skipped_rows": bad_rows[d].total,
                 "examples_per_epoch": sampler.quotas()[d],
                 "trained_examples": trained[d],
