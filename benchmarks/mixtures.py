@@ -99,13 +99,14 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=REPO / "data/quickstart/train.jsonl")
     parser.add_argument("--dev", type=Path, default=REPO / "data/quickstart/dev.jsonl")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="the runs' seed")
+    parser.add_argument("--data-seed", type=int, default=42, help="the seed that picks the section pairs")
     parser.add_argument("--threads", type=int, default=1, help="train.cpu_threads of each run")
     args = parser.parse_args()
 
     work = args.work.resolve()
     rows = read_jsonl(args.train)
-    sections = write_jsonl(work / "sections.jsonl", section_pairs(rows, args.seed))
+    sections = write_jsonl(work / "sections.jsonl", section_pairs(rows, args.data_seed))
     print(f"datasets: debian {len(rows)} pairs ({args.train}), sections {len(read_jsonl(sections))} pairs")
     for arm in args.arms:
         if (work / arm / "results.json").is_file():
