@@ -51,7 +51,8 @@ def test_slices_give_the_loss_and_gradients_of_one_padded_batch(tiny_bert_path, 
     queries = encoder.tokenize([e.query for e in EXAMPLES], kind="query")
     documents = [e.positive for e in EXAMPLES]
     if num_negatives:
-        documents += [n for e in EXAMPLES for n in PairCollator(encoder, num_negatives=1)._negatives(e)]
+        collator = PairCollator(encoder, num_negatives=1)
+        documents += [e.negatives[i] for e in EXAMPLES for i in collator._negative_indices(e, 1)]
     document_features = encoder.tokenize(documents, kind="document")
     q, d = encoder(queries), encoder(document_features)
     negatives = d[len(EXAMPLES) :].view(len(EXAMPLES), num_negatives, -1) if num_negatives else None

@@ -147,6 +147,8 @@ def test_a_bad_stage_key_stops_before_anything_runs(tiny_bert_path, tiny_data, t
         load_config(str(config), ["contrastive.model.name_or_path=other"])
     with pytest.raises(ConfigError, match=r"train\.mixed_precision differs between stages"):
         load_config(str(config), ["retromae.train.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match=r"contrastive\.data\.train: mining reads one pair file"):
+        load_config(str(config), [f"contrastive.data.train=[{{path: {tiny_data['train']}}}]"])
     assert not (tmp_path / "run").exists()
 
 

@@ -171,7 +171,7 @@ def test_dims_longer_than_the_model_stop_the_run_before_training(
     )
     cfg = load_config(str(path), [override])
     monkeypatch.setattr(
-        contrastive, "load_pairs", lambda *a, **k: pytest.fail("data read after a bad dimension")
+        contrastive, "train_loop", lambda *a, **k: pytest.fail("training started with a bad dimension")
     )
     with pytest.raises(ConfigError, match=rf"{key}: \d+ is larger than the model's embedding dimension 32"):
         contrastive.run(cfg)

@@ -36,6 +36,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is a list for a list type, or a mapping for a section or dict type."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, list | tuple):
+        return origin in (list, tuple)
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(tp)
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``, converting where YAML is ambiguous."""
     origin = typing.get_origin(tp)
@@ -46,6 +56,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        shaped = [arg for arg in args if _same_shape(value, arg)]
+        if len(shaped) == 1 and isinstance(value, list | tuple | dict):
+            # e.g. ``str | list[Section]`` given a list: its item's error names the bad key.
+            return _coerce(value, shaped[0], key, source)
         errors = []
         for arg in args:
             if arg is type(None):

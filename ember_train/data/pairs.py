@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from ember_train.data.batching import PADDED, BatchLayout, token_counts
 from ember_train.data.reader import BadRows, DataError, check_text, handle_bad_row, iter_sourced_records
-from ember_train.models.encoder import Encoder
+from ember_train.models.encoder import Encoder, TextKind
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,17 @@ class PairExample:
     # The teacher's scores for (query, positive) and (query, each negative): read only for distillation.
     positive_score: float | None = None
     negative_scores: list[float] | None = None
+    dataset: int = 0  # index of its training dataset in a mixture (:class:`PairSource`)
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """What differs between the datasets of a mixture, per example in a batch."""
+
+    name: str
+    num_negatives: int = 0  # hard negatives per query
+    query_prefix: str | None = None  # None: the model's (``model.query_prefix``)
+    document_prefix: str | None = None
 
 
 def _text_list(value: Any, *, source: str, row: int, field_name: str, allow_empty: bool) -> list[str]:
@@ -233,6 +245,10 @@ class PairCollator:
     (:func:`~ember_train.data.batching.restore_order`); ``token_counts`` are for the logs.
     With ``teacher_scores`` the batch also holds ``teacher_scores [B, 1 + num_negatives]``: each
     query's group (its positive, then the negatives drawn for it) as the teacher scored it.
+
+    With ``sources`` (a mixture of datasets), each example's :class:`PairSource` sets its hard
+    negatives (one count per batch: the sampler's one-dataset batches, or one count for all) and
+    its prefixes, which replace the model's for that example.
     """
 
     def __init__(
@@ -242,33 +258,53 @@ class PairCollator:
         seed: int = 0,
         layout: BatchLayout = PADDED,
         teacher_scores: bool = False,
+        sources: Sequence[PairSource] | None = None,
     ) -> None:
         self.encoder = encoder
         self.num_negatives = num_negatives
         self.seed = seed
         self.layout = layout
         self.teacher_scores = teacher_scores
+        self.sources = sources
 
-    def _negative_indices(self, example: PairExample) -> list[int]:
+    def _negative_indices(self, example: PairExample, num_negatives: int) -> list[int]:
         """Which of the example's negatives go in the batch: indices, so their scores follow them."""
         count = len(example.negatives)
-        if count == self.num_negatives:
+        if count == num_negatives:
             return list(range(count))
         rng = random.Random(f"{self.seed}:{example.query}")
-        if count > self.num_negatives:
-            return rng.sample(range(count), self.num_negatives)
-        return [rng.randrange(count) for _ in range(self.num_negatives)]
+        if count > num_negatives:
+            return rng.sample(range(count), num_negatives)
+        return [rng.randrange(count) for _ in range(num_negatives)]
 
-    def _negatives(self, example: PairExample) -> list[str]:
-        return [example.negatives[i] for i in self._negative_indices(example)]
+    def _batch_negatives(self, examples: list[PairExample]) -> int:
+        if not self.sources:
+            return self.num_negatives
+        counts = {self.sources[e.dataset].num_negatives for e in examples}
+        if len(counts) > 1:
+            raise ValueError(f"a batch mixes datasets with different num_negatives ({sorted(counts)})")
+        return counts.pop()
 
     def __call__(self, examples: list[PairExample]) -> dict[str, Any]:
+        num_negatives = self._batch_negatives(examples)
         documents = [e.positive for e in examples]
-        groups = [self._negative_indices(e) if self.num_negatives else [] for e in examples]
+        groups = [self._negative_indices(e, num_negatives) if num_negatives else [] for e in examples]
+        owners = list(examples)  # the example each document belongs to (for its prefix)
         for e, chosen in zip(examples, groups, strict=True):
             documents.extend(e.negatives[i] for i in chosen)
-        queries, query_order = self.layout.tokenize(self.encoder, [e.query for e in examples], "query")
-        documents, document_order = self.layout.tokenize(self.encoder, documents, "document")
+            owners.extend([e] * len(chosen))
+        queries = [e.query for e in examples]
+        query_kind: TextKind | None = "query"
+        document_kind: TextKind | None = "document"
+        if self.sources and any(
+            s.query_prefix is not None or s.document_prefix is not None for s in self.sources
+        ):
+            queries, query_kind = source_prefixed(self.encoder, self.sources, examples, queries, "query")
+            documents, document_kind = source_prefixed(
+                self.encoder, self.sources, owners, documents, "document"
+            )
+        queries, query_order = self.layout.tokenize(self.encoder, queries, query_kind)
+        documents, document_order = self.layout.tokenize(self.encoder, documents, document_kind)
         batch = {
             "query": queries,
             "query_order": query_order,
@@ -286,3 +322,16 @@ class PairCollator:
                 dtype=torch.float32,
             )
         return batch
+
+
+def source_prefixed(
+    encoder: Encoder,
+    sources: Sequence[PairSource],
+    owners: Sequence[PairExample],
+    texts: Sequence[str],
+    kind: TextKind,
+) -> tuple[list[str], None]:
+    """``texts`` with the prefix of each owner's dataset (the model's where it sets none), and
+    the kind to tokenize them as: None, so that the encoder adds no prefix of its own."""
+    prefixes = [encoder.prefix(kind) if (p := getattr(s, f"{kind}_prefix")) is None else p for s in sources]
+    return [prefixes[o.dataset] + t for o, t in zip(owners, texts, strict=True)], None

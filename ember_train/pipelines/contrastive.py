@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +21,15 @@ from torch.utils.data import DataLoader
 
 from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig
 from ember_train.data.batching import BatchLayout, restore_order
-from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
-from ember_train.data.reader import DataError
+from ember_train.data.pairs import (
+    PairCollator,
+    PairColumns,
+    PairExample,
+    PairSource,
+    load_pairs,
+    source_prefixed,
+)
+from ember_train.data.reader import BadRows, DataError
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.evaluation.base import EvalResult, Evaluator
 from ember_train.evaluation.dims import check_eval_dims, evaluate_at_dims
@@ -45,13 +53,65 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class PairDatasetConfig:
+    """One dataset of a mixture (``data.train`` as a list); unset keys take the run's values."""
+
+    path: str  # JSONL/CSV/Parquet file, directory, or Hub dataset name
+    name: str | None = None  # in logs and results.json; default: the file name without its suffix
+    weight: float = 1.0  # share of the epoch with data.sampling: weighted (0 leaves it out)
+    query_prefix: str | None = None  # replaces model.query_prefix for this dataset's queries
+    document_prefix: str | None = None  # replaces model.document_prefix for its positives and negatives
+    num_negatives: int | None = None  # hard negatives per query; default loss.num_negatives
+    columns: PairColumns | None = None  # default data.columns
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.num_negatives is not None and self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+        if self.name is None:
+            self.name = Path(self.path).name.split(".")[0] or self.path
+
+
+@dataclass
 class PairDataConfig:
-    train: str  # JSONL/CSV/Parquet file, directory, or Hub dataset name
+    # JSONL/CSV/Parquet file, directory, or Hub dataset name; or a list of datasets
+    # (PairDatasetConfig: path, name, weight, query_prefix, document_prefix, num_negatives, columns)
+    train: str | list[PairDatasetConfig]
     split: str = "train"  # Hub split
     columns: PairColumns = field(default_factory=PairColumns)
     on_bad_rows: Literal["error", "skip"] = "error"
-    max_examples: int | None = None  # use only the first N examples (quick experiments)
+    max_examples: int | None = None  # use only the first N examples (of each dataset) (quick experiments)
     group_by_length: bool = False  # length-aware batching: less padding, same randomness at bucket level
+    # Several datasets: how many examples of each an epoch draws. proportional: all, once;
+    # weighted: the total shared by `weight`; round_robin: the smallest one's size from each, in turns
+    sampling: Literal["proportional", "weighted", "round_robin"] = "proportional"
+    # every global batch from one dataset (its in-batch negatives from the same task); false
+    # shuffles all datasets together (they must then share one num_negatives)
+    same_dataset_batches: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, list):
+            if not self.train:
+                raise ValueError("train: the list of datasets is empty")
+            names = [d.name for d in self.train]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(
+                    f"train: two datasets are named {repeated[0]!r}; give each a distinct `name`"
+                )
+            if self.sampling == "weighted" and not sum(d.weight for d in self.train) > 0:
+                raise ValueError("sampling: weighted needs a dataset with weight > 0")
+            if self.sampling != "weighted" and len({d.weight for d in self.train}) > 1:
+                logger.warning(
+                    "data.train weights are used only with data.sampling: weighted (not %s)", self.sampling
+                )
+
+    def datasets(self) -> list[PairDatasetConfig]:
+        """The training datasets; a plain ``train`` string is one dataset."""
+        if isinstance(self.train, str):
+            return [PairDatasetConfig(path=self.train)]
+        return self.train
 
 
 @dataclass
@@ -187,6 +247,48 @@ class ContrastiveConfig:
                 "e.g. configs/eval/general) to choose alpha by"
             )
 
+        counts = {s.name: s.num_negatives for s in pair_sources(self)}
+        if not self.data.same_dataset_batches and len(set(counts.values())) > 1:
+            raise ValueError(
+                "data.same_dataset_batches: false mixes datasets in a batch, which needs one num_negatives "
+                f"for all of them (got {counts}); set the datasets' num_negatives equal, or keep "
+                "same_dataset_batches: true"
+            )
+
+
+def pair_sources(cfg: ContrastiveConfig) -> list[PairSource]:
+    """Each training dataset's negatives and prefixes, with the run's defaults filled in."""
+    return [
+        PairSource(
+            name=str(d.name),
+            num_negatives=cfg.loss.num_negatives if d.num_negatives is None else d.num_negatives,
+            query_prefix=d.query_prefix,
+            document_prefix=d.document_prefix,
+        )
+        for d in cfg.data.datasets()
+    ]
+
+
+def load_training_pairs(cfg: ContrastiveConfig) -> tuple[list[PairExample], list[BadRows]]:
+    """Every dataset's pairs, each example tagged with its dataset's index (``PairExample.dataset``)."""
+    examples: list[PairExample] = []
+    bad_rows: list[BadRows] = []
+    for index, (dataset, source) in enumerate(zip(cfg.data.datasets(), pair_sources(cfg), strict=True)):
+        loaded, bad = load_pairs(
+            dataset.path,
+            columns=dataset.columns or cfg.data.columns,
+            split=cfg.data.split,
+            on_bad_rows=cfg.data.on_bad_rows,
+            num_negatives=source.num_negatives,
+            limit=cfg.data.max_examples,
+            teacher_scores=cfg.loss.distill,
+        )
+        for example in loaded:
+            example.dataset = index
+        examples += loaded
+        bad_rows.append(bad)
+    return examples, bad_rows
+
 
 def build_evaluators(cfg: EvalConfig) -> list[Evaluator]:
     """Held-out retrieval (a BEIR folder, or pairs whose positives form the corpus) plus task descriptors."""
@@ -278,14 +380,22 @@ def make_loss_step(
     )
 
 
-def grouping_lengths(examples: list[PairExample], encoder: Encoder) -> list[int]:
+def grouping_lengths(
+    examples: list[PairExample], encoder: Encoder, sources: list[PairSource] | None = None
+) -> list[int]:
     """Per example, the truncated token length of its positive, then of its query (a tie-break).
 
     Documents are most of the tokens, so batches grouped by document tokens pad least: on Debian
-    pairs at 128 tokens, 13% padding against 23-25% when grouped by character counts.
+    pairs at 128 tokens, 13% padding against 23-25% when grouped by character counts. Counted
+    with the prefixes of each example's dataset (``sources``), as the collator tokenizes them.
     """
-    documents = encoder.token_lengths([e.positive for e in examples], kind="document")
-    queries = encoder.token_lengths([e.query for e in examples], kind="query")
+    documents, document_kind = [e.positive for e in examples], "document"
+    queries, query_kind = [e.query for e in examples], "query"
+    if sources:
+        documents, document_kind = source_prefixed(encoder, sources, examples, documents, "document")
+        queries, query_kind = source_prefixed(encoder, sources, examples, queries, "query")
+    documents = encoder.token_lengths(documents, kind=document_kind)
+    queries = encoder.token_lengths(queries, kind=query_kind)
     return [d * (encoder.max_seq_length + 1) + q for d, q in zip(documents, queries, strict=True)]
 
 
@@ -297,9 +407,11 @@ def make_dataloader(
     rank: int,
     pack: bool = False,
 ) -> DataLoader:
+    mixture = isinstance(cfg.data.train, list)
+    sources = pair_sources(cfg) if mixture else None
     lengths = None
     if cfg.data.group_by_length:  # every process needs all lengths; each computes 1/N of them
-        lengths = map_sharded(lambda shard: grouping_lengths(shard, encoder), examples)
+        lengths = map_sharded(lambda shard: grouping_lengths(shard, encoder, sources), examples)
     sampler = ShardedBatchSampler(
         len(examples),
         cfg.train.batch_size,
@@ -308,6 +420,10 @@ def make_dataloader(
         seed=cfg.seed,
         dedup_keys=[(e.query, e.positive) for e in examples],
         lengths=lengths,
+        dataset_ids=[e.dataset for e in examples] if mixture else None,
+        sampling=cfg.data.sampling,
+        weights=[d.weight for d in cfg.data.datasets()],
+        same_dataset_batches=cfg.data.same_dataset_batches,
     )
     layout = BatchLayout.from_config(cfg.train, pack)
     collate = PairCollator(
@@ -316,6 +432,7 @@ def make_dataloader(
         seed=cfg.seed,
         layout=layout,
         teacher_scores=cfg.loss.distill,
+        sources=sources,
     )
     return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
 
@@ -337,28 +454,28 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     if select is not None:
         select.check_datasets([e.name for e in evaluators])
 
+    # Data first: a missing or broken file stops the run before the model is loaded.
+    examples, bad_rows = load_training_pairs(cfg)
+    sources = pair_sources(cfg)
+    loaded = Counter(e.dataset for e in examples)
+    for d, (source, bad) in enumerate(zip(sources, bad_rows, strict=True)):
+        name = f" ({source.name})" if len(sources) > 1 else ""
+        accelerator.print(f"training pairs{name}: {loaded[d]} ({bad.summary()})")
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
     check_fits_model(cfg, encoder.dim)
     if cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
-    examples, bad_rows = load_pairs(
-        cfg.data.train,
-        columns=cfg.data.columns,
-        split=cfg.data.split,
-        on_bad_rows=cfg.data.on_bad_rows,
-        num_negatives=cfg.loss.num_negatives,
-        limit=cfg.data.max_examples,
-        teacher_scores=cfg.loss.distill,
-    )
-    accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
     layout = BatchLayout.for_run(cfg.train, encoder, accelerator.device)
     accelerator.print(f"batches: {layout.describe()}")
     dataloader = make_dataloader(
         examples, encoder, cfg, accelerator.num_processes, accelerator.process_index, pack=layout.pack
     )
-    notes, useless = dataloader.batch_sampler.size_warnings("pairs")
-    if useless and cfg.loss.num_negatives == 0:
+    sampler = dataloader.batch_sampler
+    if len(sources) > 1:
+        accelerator.print(describe_mixture(cfg, sources, sampler))
+    notes, useless = sampler.size_warnings("pairs")
+    if useless and all(s.num_negatives == 0 for s in sources):
         distinct = len({e.query for e in examples} | {e.positive for e in examples})
         raise DataError(
             str(cfg.data.train),
@@ -410,13 +527,28 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         select=select,
     )
 
+    trained = trained_counts(sampler, outcome["epoch"], outcome["batch_in_epoch"])
     results: dict[str, Any] = {
         "steps": outcome["step"],
         "train_seconds": outcome["train_seconds"],
         "train_examples": len(examples),
-        "skipped_rows": bad_rows.total,
+        "skipped_rows": sum(bad.total for bad in bad_rows),
         "last_metrics": outcome["last_metrics"],
+        "datasets": {
+            source.name: {
+                "examples": loaded[d],
+                "skipped_rows": bad_rows[d].total,
+                "examples_per_epoch": sampler.quotas()[d],
+                "trained_examples": trained[d],
+            }
+            for d, source in enumerate(sources)
+        },
     }
+    if len(sources) > 1:
+        accelerator.print(
+            "trained examples per dataset: "
+            + ", ".join(f"{s.name} {n}" for s, n in zip(sources, trained, strict=True))
+        )
     if select is not None and outcome["best_step"] > 0:
         best = best_weights_dir(output_dir, outcome["best_step"])
         load_model_weights(encoder, best)
@@ -434,7 +566,9 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
             accelerator.print("before -> after training:\n" + describe(before, after))
 
     def export(export_dir: Path) -> dict[str, Any]:
-        data_summary = f"{len(examples)} training pairs from `{cfg.data.train}`"
+        data_summary = f"{len(examples)} training pairs from " + ", ".join(
+            f"`{d.path}`" for d in cfg.data.datasets()
+        )
         card = model_card(
             cfg, export_dir, command=command, results=after, data_summary=data_summary,
             selected=results.get("selected"), merge=results.get("merge"),
@@ -493,6 +627,25 @@ def merge_with_base(
     encoder.load_state_dict(interpolate_state_dicts(tuned, base, alpha))
     accelerator.print(f"merged: {alpha:g} x tuned + {1 - alpha:g} x {base_name}")
     return {"alpha": alpha, **out}
+
+
+def describe_mixture(cfg: ContrastiveConfig, sources: list[PairSource], sampler: ShardedBatchSampler) -> str:
+    """The mixture's plan for one epoch: each dataset's examples and global batches."""
+    counts, batches = sampler.dataset_counts(0), sampler.dataset_batches(0)
+    mode = "one dataset per batch" if cfg.data.same_dataset_batches else "mixed batches"
+    lines = [f"datasets ({cfg.data.sampling} sampling, {mode}), per epoch:"]
+    for source, n, b in zip(sources, counts, batches, strict=True):
+        lines.append(f"  {source.name}: {n} examples in {b} batches, {source.num_negatives} hard negatives")
+    return "\n".join(lines)
+
+
+def trained_counts(sampler: ShardedBatchSampler, epoch: int, batch_in_epoch: int) -> list[int]:
+    """Examples of each dataset the run trained on: the full epochs, then the batches of the last."""
+    totals = [0] * sampler.num_datasets
+    for e in range(epoch + 1):
+        counts = sampler.dataset_counts(e, batch_in_epoch if e == epoch else None)
+        totals = [a + b for a, b in zip(totals, counts, strict=True)]
+    return totals
 
 
 def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:

@@ -235,6 +235,10 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
 
     mining_run = None
     if cfg.mining is not None and cfg.mining.enabled:
+        if isinstance(contrastive_cfg.data.train, list):
+            raise ConfigError(
+                f"{source}: contrastive.data.train: mining reads one pair file, not a list of datasets"
+            )
         mining_run = MiningRun(
             mining=cfg.mining,
             model=copy.deepcopy(contrastive_cfg.model),  # embed as the contrastive stage will

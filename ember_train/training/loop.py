@@ -323,6 +323,7 @@ def train_loop(
     return {
         "step": state.step,
         "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,  # with the sampler's fixed order: what was trained on
         "train_seconds": time.perf_counter() - start_time,
         "last_metrics": last_logged,
         "best_step": state.best_step,
