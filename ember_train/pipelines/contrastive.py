@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from ember_train.config import ExportConfig, ModelConfig, TrainConfig
+from ember_train.config import ConfigError, ExportConfig, ModelConfig, TrainConfig
 from ember_train.data.batching import BatchLayout, restore_order
 from ember_train.data.pairs import PairCollator, PairColumns, PairExample, load_pairs
 from ember_train.data.reader import DataError
@@ -29,10 +29,12 @@ from ember_train.losses.infonce import InfoNCELoss
 from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
+from ember_train.pipelines.remining import MiningConfig, NegativeRemining
+from ember_train.training import zero
 from ember_train.training.checkpoint import load_model_weights
 from ember_train.training.distributed import map_sharded
 from ember_train.training.grad_cache import slices_loss_step
-from ember_train.training.loop import train_loop
+from ember_train.training.loop import steps_per_epoch, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ class ContrastiveConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)  # hard negatives mined while training
+
+    def __post_init__(self) -> None:
+        if self.mining.enabled and self.loss.num_negatives == 0:
+            raise ValueError(
+                "mining.before_training/every_steps/every_epochs mine hard negatives: set loss.num_negatives > 0"
+            )
 
 
 def build_evaluators(cfg: EvalConfig) -> list[Evaluator]:
@@ -190,7 +199,7 @@ def make_dataloader(
 
 def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
-    accelerator, output_dir = start_run(cfg)
+    accelerator, output_dir = start_run(cfg, check=lambda acc: _check_mining(cfg, acc))
 
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, **cfg.model.encoder_kwargs())
     accelerator.print(f"model: {encoder.describe(cfg.model.name_or_path)}")
@@ -201,7 +210,8 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         columns=cfg.data.columns,
         split=cfg.data.split,
         on_bad_rows=cfg.data.on_bad_rows,
-        num_negatives=cfg.loss.num_negatives,
+        # Mined before step 0, the negatives need not be in the data.
+        num_negatives=0 if cfg.mining.before_training else cfg.loss.num_negatives,
         limit=cfg.data.max_examples,
     )
     accelerator.print(f"training pairs: {len(examples)} ({bad_rows.summary()})")
@@ -235,6 +245,19 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         accelerator.print("before training:\n" + describe(None, before))
     accelerator.wait_for_everyone()
 
+    remining = None
+    if cfg.mining.enabled:
+        remining = NegativeRemining(
+            examples,
+            encoder,
+            cfg.mining,
+            num_negatives=cfg.loss.num_negatives,
+            seed=cfg.seed,
+            steps_per_epoch=steps_per_epoch(dataloader, cfg.train),
+            autocast=accelerator.autocast,
+            log=accelerator.print,
+            show_progress=accelerator.is_local_main_process,
+        )
     loss_fn = InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices)
     outcome = train_loop(
         accelerator=accelerator,
@@ -245,6 +268,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         output_dir=output_dir,
         evaluate=evaluate if evaluators else None,
         backward_in_step=cfg.train.grad_cache_chunk_size > 0,
+        refresh=remining,
     )
 
     results: dict[str, Any] = {
@@ -254,6 +278,8 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         "skipped_rows": bad_rows.total,
         "last_metrics": outcome["last_metrics"],
     }
+    if remining is not None:
+        results["mining"] = remining.summary()
     after: list[EvalResult] = []
     if accelerator.is_main_process:
         after = run_evaluators(evaluators, encoder)
@@ -271,6 +297,14 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         return {"export_dir": str(export_dir)}
 
     return finish_run(accelerator, cfg, output_dir, results, command, export)
+
+
+def _check_mining(cfg: ContrastiveConfig, accelerator: Any) -> None:
+    """Mining embeds on each process separately, which ZeRO-3's sharded forward cannot do."""
+    if cfg.mining.enabled and zero.is_zero3(accelerator):
+        raise ConfigError(
+            "mining: mining during training is not supported under DeepSpeed ZeRO-3 (use ZeRO-2)"
+        )
 
 
 def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:

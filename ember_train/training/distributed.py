@@ -7,7 +7,7 @@ Gathering embeddings with exact gradients (cross-device negatives) is the losses
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,23 @@ def map_sharded(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]
     for r, shard in enumerate(shards):
         results[r::world] = shard  # type: ignore[assignment]
     return results
+
+
+class ShardedEncoder:
+    """``encode`` with each process embedding every N-th text; every process gets every vector.
+
+    Wraps anything with ``encode(texts, batch_size, kind)`` (an ``Encoder``); mining with it on
+    N processes gives each the same embeddings, hence the same negatives.
+    """
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, kind: str | None = None) -> torch.Tensor:
+        def embed(shard: list[str]) -> list[torch.Tensor]:
+            return list(self.encoder.encode(shard, batch_size=batch_size, kind=kind)) if shard else []
+
+        return torch.stack(map_sharded(embed, list(texts)))
 
 
 def global_count(

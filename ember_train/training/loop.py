@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +32,7 @@ from ember_train.training.checkpoint import (
     TrainState,
     check_resume_config,
     load_checkpoint,
+    read_refresh_state,
     resolve_resume,
     save_checkpoint,
 )
@@ -44,6 +45,23 @@ logger = logging.getLogger(__name__)
 
 # Metric values are floats or 0-d tensors (read on the host with the loss, once per optimizer step).
 LossStep = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
+
+
+class DataRefresh(Protocol):
+    """A hook between optimizer steps that may change the training data (e.g. re-mined negatives).
+
+    The loop calls it with the step count on every process (it may use collectives) before the
+    first batch of each pass over the data and after every optimizer step but the last. It returns
+    True when the data changed: the loop then restarts its data iterator at the same position, so
+    no batch prepared earlier (by a worker) is used. Its ``state_dict`` (JSON) is saved with every
+    checkpoint and restored on resume, so a resumed run trains on the uninterrupted run's data.
+    """
+
+    def __call__(self, step: int) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,6 +135,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
+def steps_per_epoch(dataloader: Any, cfg: TrainConfig) -> int:
+    """Optimizer steps in one pass over ``dataloader`` (its last step may take fewer micro-batches)."""
+    return max(math.ceil(len(dataloader) / cfg.gradient_accumulation_steps), 1)
+
+
 def _set_epoch(dataloader: Any, epoch: int, start_batch: int) -> int:
     """Select the epoch's order and skip consumed batches; returns how many batches to skip by hand."""
     sampler = getattr(dataloader, "batch_sampler", None)
@@ -137,6 +160,7 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     backward_in_step: bool = False,
     save_final_checkpoint: bool = True,
+    refresh: DataRefresh | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
@@ -146,13 +170,13 @@ def train_loop(
     With ``backward_in_step`` the loss step is called as ``loss_step(model, batch, ctx)`` and runs
     its own backward passes through ``ctx`` (a :class:`StepContext`); the loop does the rest.
     ``save_final_checkpoint=False`` leaves the last checkpoint to a pipeline that changes the model
-    after training (the SetFit-style head), so it is written once, complete.
+    after training (the SetFit-style head), so it is written once, complete. ``refresh`` may
+    change the data between steps (:class:`DataRefresh`).
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
     batches_per_epoch = len(dataloader)
-    steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch(dataloader, cfg) * cfg.epochs
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
@@ -171,6 +195,8 @@ def train_loop(
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
+        if refresh is not None:
+            refresh.load_state_dict(read_refresh_state(checkpoint))
         accelerator.print(
             f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
@@ -192,12 +218,19 @@ def train_loop(
     model.train()
     speedups.start_step()
 
+    def save() -> Path:
+        hook_state = refresh.state_dict() if refresh is not None else None
+        return save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints, hook_state)
+
     while state.step < total_steps:
+        if refresh is not None:  # a pass starts (an epoch, a resume, or new data): the hook's turn
+            refresh(state.step)
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
         # Creating a DataLoader iterator draws from the global RNG; keep it out of the stream so
         # a resumed run's dropout masks are those of the uninterrupted run.
         with torch.random.fork_rng(devices=[]):
             batches = iter(dataloader)
+        data_changed = False
         for batch in batches:
             if skip:
                 skip -= 1
@@ -268,9 +301,11 @@ def train_loop(
             speedups.start_step()
             state.step += 1
             progress.update(1)
+            # Before the checkpoint, which then holds the data the next steps train on.
+            data_changed = refresh is not None and state.step < total_steps and refresh(state.step)
 
             if state.nonfinite_streak >= cfg.max_nonfinite_steps:
-                path = save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                path = save()
                 progress.close()  # an open bar would garble the error line printed after it
                 raise NonFiniteLossError(
                     f"stopping at step {state.step}: {state.nonfinite_streak} consecutive non-finite losses or "
@@ -285,20 +320,18 @@ def train_loop(
             if evaluate is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
                 _run_eval(accelerator, evaluate, metrics_logger, state.step)
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                save()
                 saved = state.state_dict()
-            if state.step >= total_steps:
+            if state.step >= total_steps or data_changed:  # new data: restart the pass where it is
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-            continue
-        break
 
     progress.close()
     speedups.release()
     if save_final_checkpoint and state.state_dict() != saved:  # not twice when the last step was saved
-        save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+        save()
     if zero.active(accelerator):
         zero.take_back_trained_model(accelerator, model)
     return {
