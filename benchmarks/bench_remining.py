@@ -1,10 +1,11 @@
 """Hard negatives mined once before training against re-mined with the current model, same budget.
 
     python -m benchmarks.bench_remining --work runs/bench_remining --every-steps 0 21
+    python -m benchmarks.bench_remining --work runs/bench_remining --max-examples 1024 --max-seq-length 32 --every-steps 0 8
     python -m benchmarks.bench_remining --work runs/bench_remining --table   # the table of finished arms
 
 Each arm is the quickstart (all-MiniLM-L6-v2, data/quickstart/train.jsonl, 1 epoch of batch 32 =
-63 steps, seed 42) with one hard negative per query (``loss.num_negatives=1``) mined with the
+63 steps, seed 42; ``--max-examples``/``--max-seq-length`` shrink it for a loaded machine) with one hard negative per query (``loss.num_negatives=1``) mined with the
 model being trained, before step 0 (``mining.before_training``) and, for ``--every-steps N > 0``,
 again after every N steps. Same steps, same seed, same data order; only when negatives are
 mined differs. Measured: nDCG@10 on data/quickstart/dev.jsonl after training, and the time spent
@@ -31,6 +32,8 @@ def command(work: Path, every_steps: int, args: argparse.Namespace) -> list[str]
         str(REPO / "configs/quickstart.yaml"),
         f"output_dir={work / f'every_{every_steps}'}",
         f"seed={args.seed}",
+        f"model.max_seq_length={args.max_seq_length}",
+        f"data.max_examples={args.max_examples}",
         "loss.num_negatives=1",
         "mining.before_training=true",
         f"mining.every_steps={every_steps}",
@@ -75,6 +78,8 @@ def main() -> None:
         "--every-steps", type=int, nargs="*", default=[0, 21], help="0: mine once, before training"
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-examples", type=int, default=2000, help="training pairs (steps = this / 32)")
+    parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--cpu-threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="only print the table of finished arms")
     args = parser.parse_args()
