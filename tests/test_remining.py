@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from ember_train.config import ConfigError
 from ember_train.data.pairs import PairExample
-from ember_train.data.reader import DataError
 from ember_train.evaluation.mining import mine_hard_negatives
 from ember_train.models import Encoder
 from ember_train.pipelines import contrastive, load_config
@@ -108,19 +107,25 @@ def test_the_filters_of_ember_train_mine_apply():
     assert all(e.positive not in e.negatives for e in examples)
 
 
-def test_before_training_a_query_left_without_negatives_is_an_error_later_it_keeps_its_own():
+def test_a_query_left_without_candidates_keeps_its_negatives_or_gets_random_ones_before_training():
     examples = [PairExample(q, p) for q, p in zip(QUERIES, DOCS, strict=True)]
+    examples.append(PairExample("q0", " P0"))  # a second spelling of q0's positive: never its negative
     scores = {q: _ranked([DOCS[i], *[d for d in DOCS if d != DOCS[i]]]) for i, q in enumerate(QUERIES)}
+    scores["q0"][" P0"] = 0.95
     hook = _hook(examples, TableEncoder(QUERIES, DOCS, scores), before_training=True, every_steps=1)
-    hook.settings.rank_window = [0, 1]  # only the positive itself: every candidate is filtered
-    with pytest.raises(DataError, match="left 4 of 4 pairs without a negative.*mining.rank_window"):
-        hook(0)
-    hook.settings.rank_window = [0, 2]
+    hook.settings.rank_window = [0, 1]  # only the top document: a positive, so every candidate is filtered
+    assert hook(0) is True
+    assert hook.passes[-1]["random"] == 5
+    for e in examples:
+        assert len(e.negatives) == 1 and e.negatives[0].strip().lower() != (
+            "p0" if e.query == "q0" else e.positive
+        )
+    first = [list(e.negatives) for e in examples]
+    hook.mined_at = None
     hook(0)
-    before = [list(e.negatives) for e in examples]
-    hook.settings.rank_window = [0, 1]
+    assert [e.negatives for e in examples] == first  # drawn reproducibly (seeded by the query)
     assert hook(1) is True
-    assert [e.negatives for e in examples] == before and hook.passes[-1]["kept_previous"] == 4
+    assert [e.negatives for e in examples] == first and hook.passes[-1]["kept_previous"] == 5
 
 
 def test_state_round_trips_and_epochs_count_in_steps():

@@ -15,13 +15,15 @@ loop, so the loop restarts its data iterator after a pass and no batch built ear
 * Exact resume: the mined negatives are saved with every checkpoint (``refresh_state.json``:
   the distinct negative texts and each example's indices into them) and restored on resume; a
   resumed run never re-mines what the checkpoint holds, it uses the saved negatives.
-* A query whose candidates are all filtered out keeps its previous negatives (counted); before
-  training, with none to keep, that is an error naming the settings to widen.
+* A query whose candidates are all filtered out keeps its previous negatives; before training,
+  with none to keep, it gets random training documents that are not its positives (both
+  counted in each pass's log), so that every query has ``num_negatives``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,7 +33,7 @@ from typing import Any
 from ember_train.data.pairs import PairExample
 from ember_train.data.reader import DataError
 from ember_train.evaluation.base import SupportsEncode
-from ember_train.evaluation.mining import mine_hard_negatives
+from ember_train.evaluation.mining import fold_text, mine_hard_negatives
 from ember_train.training.distributed import ShardedEncoder
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,8 @@ class NegativeRemining:
         self.log = log
         self.show_progress = show_progress
         self.mined_at: int | None = None  # the step of the last pass
-        self.passes: list[dict[str, Any]] = []  # step, rows_changed, kept_previous, seconds
+        self.passes: list[dict[str, Any]] = []  # step, rows_changed, kept_previous, random, seconds
+        self._corpus: list[str] | None = None  # for random negatives, built when first needed
 
     def due(self, step: int) -> bool:
         if step == self.mined_at:
@@ -128,33 +131,54 @@ class NegativeRemining:
                 chunk_size=s.chunk_size,
                 show_progress=self.show_progress,
             )
-        changed = kept = 0
-        empty = []
-        for i, (example, row) in enumerate(zip(self.examples, mined, strict=True)):
+        changed = kept = drawn = 0
+        for example, row in zip(self.examples, mined, strict=True):
             negatives = row["neg"]
-            if not negatives:  # every candidate filtered out: keep what it had
+            if not negatives and example.negatives:  # every candidate filtered out: keep what it had
                 kept += 1
-                if not example.negatives:
-                    empty.append(i)
                 continue
+            if not negatives:  # nothing to keep (before training): documents drawn at random
+                negatives = self._random_negatives(example)
+                drawn += 1
             changed += negatives != example.negatives
             example.negatives = negatives
-        if empty:
-            raise DataError(
-                "mining",
-                None,
-                f"mining before training left {len(empty)} of {len(self.examples)} pairs without a negative "
-                f"(first: query {self.examples[empty[0]].query!r}); widen mining.rank_window or raise "
-                "mining.max_score_ratio / lower mining.margin",
-            )
         seconds = time.perf_counter() - start
         self.mined_at = step
-        self.passes.append({"step": step, "rows_changed": changed, "kept_previous": kept, "seconds": seconds})
+        self.passes.append(
+            {
+                "step": step,
+                "rows_changed": changed,
+                "kept_previous": kept,
+                "random": drawn,
+                "seconds": seconds,
+            }
+        )
         self.log(
             f"step {step}: mined hard negatives in {seconds:.1f}s; {changed} of {len(self.examples)} rows "
-            f"changed, {kept} kept their previous negatives ({stats.summary()})"
+            f"changed, {kept} kept their previous negatives, {drawn} got random ones ({stats.summary()})"
         )
         return True
+
+    def _random_negatives(self, example: PairExample) -> list[str]:
+        """``num_negatives`` distinct training positives that are not this query's, seeded by the query."""
+        if self._corpus is None:
+            self._corpus = list(dict.fromkeys(e.positive for e in self.examples))
+            self._positives_of: dict[str, set[str]] = {}
+            for e in self.examples:
+                self._positives_of.setdefault(e.query, set()).add(fold_text(e.positive))
+        own = self._positives_of[example.query] | {fold_text(example.query)}
+        rng = random.Random(f"{self.seed}:{example.query}:random")
+        picked: list[str] = []
+        for i in rng.sample(range(len(self._corpus)), len(self._corpus)):
+            if fold_text(self._corpus[i]) not in own:
+                picked.append(self._corpus[i])
+                if len(picked) == self.num_negatives:
+                    break
+        if not picked:
+            raise DataError(
+                "mining", None, f"query {example.query!r}: no training document but its own positives"
+            )
+        return picked
 
     def summary(self) -> dict[str, Any]:
         """For results.json: how many passes, their total time, and each pass."""
