@@ -139,3 +139,25 @@ def assert_close_at_scale(actual, expected, rel: float = 1e-5, msg: str | None =
 
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=msg)
+
+
+def crash_contrastive_run_at_call(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """Make the contrastive recipe's loss step raise KeyboardInterrupt (a killed run) at its ``call``-th
+    call; ``monkeypatch.undo()`` or a fresh ``setattr`` of ``make_loss_step`` restores it."""
+    from ember_train.pipelines import contrastive
+
+    real = contrastive.make_loss_step
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(model, batch):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt("simulated crash")
+            return step(model, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(contrastive, "make_loss_step", crashing)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_contrastive_run_at_call
 from safetensors.torch import load_file
 
 from ember_train.pipelines import contrastive, load_config
@@ -56,20 +57,7 @@ def test_train_checkpoint_resume_export_evaluate(tmp_path, tiny_bert_path, monke
 
     # 2. The same run, killed after step 4's forward pass, then resumed from the step-3 checkpoint.
     real = contrastive.make_loss_step
-    calls = {"n": 0}
-
-    def crashing(*args, **kwargs):
-        step = real(*args, **kwargs)
-
-        def wrapped(model, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("simulated crash")
-            return step(model, batch)
-
-        return wrapped
-
-    monkeypatch.setattr(contrastive, "make_loss_step", crashing)
+    crash_contrastive_run_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         contrastive.run(_config(tmp_path, tiny_bert_path, "crashed"))
     monkeypatch.setattr(contrastive, "make_loss_step", real)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_contrastive_run_at_call
 from safetensors.torch import load_file
 
 from ember_train.config import ConfigError
@@ -312,20 +313,7 @@ def test_resume_mid_epoch_across_datasets_matches_the_uninterrupted_run(
     full = contrastive.run(_mixture_config(tmp_path, tiny_bert_path, "full", second))
 
     real = contrastive.make_loss_step
-    calls = {"n": 0}
-
-    def crashing(*args, **kwargs):
-        step = real(*args, **kwargs)
-
-        def wrapped(model, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:  # after the step-3 checkpoint, mid-epoch
-                raise KeyboardInterrupt("simulated crash")
-            return step(model, batch)
-
-        return wrapped
-
-    monkeypatch.setattr(contrastive, "make_loss_step", crashing)
+    crash_contrastive_run_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         contrastive.run(_mixture_config(tmp_path, tiny_bert_path, "crashed", second))
     monkeypatch.setattr(contrastive, "make_loss_step", real)

@@ -64,7 +64,8 @@ class MiningStats:
         )
 
 
-def _norm(text: str) -> str:
+def fold_text(text: str) -> str:
+    """Texts compared whitespace- and case-folded: a positive in another spelling is still a positive."""
     return " ".join(text.split()).casefold()
 
 
@@ -135,7 +136,7 @@ def mine_hard_negatives(
 
     negatives_of: dict[str, list[str]] = {}
     for qi, query in enumerate(tqdm(queries, desc="mine", disable=not show_progress)):
-        excluded_texts = {_norm(p) for p in positives_of[query]} | {_norm(query)}
+        excluded_texts = {fold_text(p) for p in positives_of[query]} | {fold_text(query)}
         pos_score = min(float(q_emb[qi] @ pos_embedding(p)) for p in positives_of[query])
         ceiling = pos_score - margin
         if max_score_ratio is not None:
@@ -143,7 +144,7 @@ def mine_hard_negatives(
         candidates = []
         for score, doc in zip(scores[qi, lo:hi].tolist(), indices[qi, lo:hi].tolist(), strict=True):
             text = corpus[doc]
-            if _norm(text) in excluded_texts:
+            if fold_text(text) in excluded_texts:
                 stats.excluded_positive += 1
             elif score >= ceiling:
                 stats.excluded_near_duplicate += 1

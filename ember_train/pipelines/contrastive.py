@@ -42,10 +42,12 @@ from ember_train.models import Encoder
 from ember_train.models.merge import cpu_state_dict, interpolate_state_dicts
 from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
+from ember_train.pipelines.remining import MiningConfig, NegativeRemining
+from ember_train.training import zero
 from ember_train.training.checkpoint import best_weights_dir, load_model_weights, read_best_record
 from ember_train.training.distributed import decide_on_main, map_sharded
 from ember_train.training.grad_cache import slices_loss_step
-from ember_train.training.loop import train_loop
+from ember_train.training.loop import steps_per_epoch, train_loop
 from ember_train.training.merge import MERGE_RULE, choose_alpha, format_table, score_alphas
 from ember_train.training.select import MetricSelector
 
@@ -234,8 +236,18 @@ class ContrastiveConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)  # hard negatives mined while training
 
     def __post_init__(self) -> None:
+        if self.mining.enabled and self.loss.num_negatives == 0:
+            raise ValueError(
+                "mining.before_training/every_steps/every_epochs mine hard negatives: set loss.num_negatives > 0"
+            )
+        if self.mining.enabled and len(self.data.datasets()) > 1:
+            raise ValueError(
+                "mining: negatives mined while training read one dataset; data.train lists several "
+                "(mine each file beforehand with ember-train mine)"
+            )
         has_eval = self.eval.data is not None or bool(self.eval.tasks)
         if self.eval.select is not None and not has_eval:
             raise ValueError("eval.select needs an evaluation to select by: set eval.data and/or eval.tasks")
@@ -279,7 +291,8 @@ def load_training_pairs(cfg: ContrastiveConfig) -> tuple[list[PairExample], list
             columns=dataset.columns or cfg.data.columns,
             split=cfg.data.split,
             on_bad_rows=cfg.data.on_bad_rows,
-            num_negatives=source.num_negatives,
+            # Mined before step 0, the negatives need not be in the data.
+            num_negatives=0 if cfg.mining.before_training else source.num_negatives,
             limit=cfg.data.max_examples,
             teacher_scores=cfg.loss.distill,
         )
@@ -448,7 +461,7 @@ def check_fits_model(cfg: ContrastiveConfig, model_dim: int) -> None:
 
 def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     """Train, evaluate and export; returns the results written to ``<output_dir>/results.json``."""
-    accelerator, output_dir = start_run(cfg)
+    accelerator, output_dir = start_run(cfg, check=lambda acc: _check_mining(cfg, acc))
     evaluators = build_evaluators(cfg.eval)  # data errors and a select naming no set stop here, unloaded
     select = cfg.eval.selector()
     if select is not None:
@@ -498,6 +511,19 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
     if select is not None and evaluators and cfg.eval.before_training:  # a bad metric key stops here
         decide_on_main(accelerator, lambda: select.score(flat_metrics(before or [])))
 
+    remining = None
+    if cfg.mining.enabled:
+        remining = NegativeRemining(
+            examples,
+            encoder,
+            cfg.mining,
+            num_negatives=cfg.loss.num_negatives,
+            seed=cfg.seed,
+            steps_per_epoch=steps_per_epoch(dataloader, cfg.train),
+            autocast=accelerator.autocast,
+            log=accelerator.print,
+            show_progress=accelerator.is_local_main_process,
+        )
     loss_fn = with_matryoshka(
         InfoNCELoss(cfg.loss.temperature, cfg.loss.symmetric, cfg.loss.gather_across_devices),
         cfg.loss.matryoshka_dims,
@@ -525,6 +551,7 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         evaluate=evaluate if evaluators else None,
         backward_in_step=cfg.train.grad_cache_chunk_size > 0,
         select=select,
+        refresh=remining,
     )
 
     trained = trained_counts(sampler, outcome["epoch"], outcome["batch_in_epoch"])
@@ -556,6 +583,8 @@ def run(cfg: ContrastiveConfig, command: str | None = None) -> dict[str, Any]:
         accelerator.print(f"selected step {outcome['best_step']} of {outcome['step']} by {select} ({best})")
     if cfg.merge.alpha is not None:
         results["merge"] = merge_with_base(cfg, encoder, evaluators, accelerator)
+    if remining is not None:
+        results["mining"] = remining.summary()
     after: list[EvalResult] = []
     if accelerator.is_main_process:
         after = run_evaluators(evaluators, encoder, cfg.eval.dims)
@@ -646,6 +675,14 @@ def trained_counts(sampler: ShardedBatchSampler, epoch: int, batch_in_epoch: int
         counts = sampler.dataset_counts(e, batch_in_epoch if e == epoch else None)
         totals = [a + b for a, b in zip(totals, counts, strict=True)]
     return totals
+
+
+def _check_mining(cfg: ContrastiveConfig, accelerator: Any) -> None:
+    """Mining embeds on each process separately, which ZeRO-3's sharded forward cannot do."""
+    if cfg.mining.enabled and zero.is_zero3(accelerator):
+        raise ConfigError(
+            "mining: mining during training is not supported under DeepSpeed ZeRO-3 (use ZeRO-2)"
+        )
 
 
 def export_checkpoint(cfg: ContrastiveConfig, checkpoint: Path, out_dir: Path) -> Path:

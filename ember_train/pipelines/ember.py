@@ -30,12 +30,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from accelerate.state import PartialState
 
@@ -59,7 +57,7 @@ from ember_train.pipelines import contrastive, retromae
 from ember_train.pipelines.contrastive import ContrastiveConfig, PairDataConfig
 from ember_train.pipelines.recipe import Pipeline, chained_runs, model_card
 from ember_train.pipelines.retromae import RetroMAEConfig
-from ember_train.training.distributed import map_sharded
+from ember_train.training.distributed import ShardedEncoder
 from ember_train.training.loop import build_accelerator
 
 logger = logging.getLogger(__name__)
@@ -267,19 +265,6 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
 
 def check_config(cfg: EmberConfig, source: str) -> None:
     build_stages(cfg, source)
-
-
-class ShardedEncoder:
-    """``encode`` with each process embedding every N-th text; every process gets every vector."""
-
-    def __init__(self, encoder: Encoder) -> None:
-        self.encoder = encoder
-
-    def encode(self, texts: Sequence[str], batch_size: int = 64, kind: str | None = None) -> torch.Tensor:
-        def embed(shard: list[str]) -> list[torch.Tensor]:
-            return list(self.encoder.encode(shard, batch_size=batch_size, kind=kind)) if shard else []
-
-        return torch.stack(map_sharded(embed, list(texts)))
 
 
 def mine(run: MiningRun, train: TrainConfig) -> dict[str, Any]:

@@ -31,6 +31,7 @@ CHECKPOINT_DIR = "checkpoints"
 # ``.old-step_N`` is a complete checkpoint moved aside while a new ``step_N`` replaces it.
 _STEP_RE = re.compile(r"^(\.old-)?step_(\d+)$")
 COMPLETE_MARKER = "checkpoint.json"
+REFRESH_STATE = "refresh_state.json"  # the training loop's data hook (e.g. re-mined negatives), as JSON
 
 
 class CheckpointError(OSError):
@@ -207,8 +208,17 @@ def _describe_failure(error: BaseException, step: int, tmp: Path, previous: Path
     )
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainState, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    state: TrainState,
+    keep: int,
+    refresh_state: dict | None = None,
+) -> Path:
     """Write a checkpoint atomically, then delete the oldest beyond ``keep`` (never the new one).
+
+    ``refresh_state`` (the same on every process) is written as JSON beside the weights, inside
+    the marker's file list, so a truncated copy is never resumed from.
 
     Any failure while writing (a full disk, a quota, a broken file system) removes the partial
     directory and raises a :class:`CheckpointError`; the previous checkpoint is untouched.
@@ -224,6 +234,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Tra
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if refresh_state is not None:
+                (tmp / REFRESH_STATE).write_text(json.dumps(refresh_state), encoding="utf-8")
             _write_marker(tmp, state)
             _publish(tmp, final)
     except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own type
@@ -268,6 +280,12 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path, state: Tra
     accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     _check_rng_restored(path, accelerator.process_index)
     state.load_state_dict(marker["state"])
+
+
+def read_refresh_state(checkpoint: str | Path) -> dict | None:
+    """The data hook's state saved with ``checkpoint``, or None when it was saved without one."""
+    path = Path(checkpoint) / REFRESH_STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _check_rng_restored(path: Path, process_index: int) -> None:

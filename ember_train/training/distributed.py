@@ -37,6 +37,23 @@ def map_sharded(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]
     return results
 
 
+class ShardedEncoder:
+    """``encode`` with each process embedding every N-th text; every process gets every vector.
+
+    Wraps anything with ``encode(texts, batch_size, kind)`` (an ``Encoder``); mining with it on
+    N processes gives each the same embeddings, hence the same negatives.
+    """
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, kind: str | None = None) -> torch.Tensor:
+        def embed(shard: list[str]) -> list[torch.Tensor]:
+            return list(self.encoder.encode(shard, batch_size=batch_size, kind=kind)) if shard else []
+
+        return torch.stack(map_sharded(embed, list(texts)))
+
+
 def global_count(
     local_count: int, device: torch.device, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 ) -> int:

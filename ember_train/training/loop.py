@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +32,7 @@ from ember_train.training.checkpoint import (
     check_resume_config,
     load_checkpoint,
     prune_best_weights,
+    read_refresh_state,
     resolve_resume,
     save_best_weights,
     save_checkpoint,
@@ -46,6 +47,23 @@ logger = logging.getLogger(__name__)
 
 # Metric values are floats or 0-d tensors (read on the host with the loss, once per optimizer step).
 LossStep = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
+
+
+class DataRefresh(Protocol):
+    """A hook between optimizer steps that may change the training data (e.g. re-mined negatives).
+
+    The loop calls it with the step count on every process (it may use collectives) before the
+    first batch of each pass over the data and after every optimizer step but the last. It returns
+    True when the data changed: the loop then restarts its data iterator at the same position, so
+    no batch prepared earlier (by a worker) is used. Its ``state_dict`` (JSON) is saved with every
+    checkpoint and restored on resume, so a resumed run trains on the uninterrupted run's data.
+    """
+
+    def __call__(self, step: int) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,6 +135,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
+def steps_per_epoch(dataloader: Any, cfg: TrainConfig) -> int:
+    """Optimizer steps in one pass over ``dataloader`` (its last step may take fewer micro-batches)."""
+    return max(math.ceil(len(dataloader) / cfg.gradient_accumulation_steps), 1)
+
+
 def _set_epoch(dataloader: Any, epoch: int, start_batch: int) -> int:
     """Select the epoch's order and skip consumed batches; returns how many batches to skip by hand."""
     sampler = getattr(dataloader, "batch_sampler", None)
@@ -138,6 +161,7 @@ def train_loop(
     backward_in_step: bool = False,
     save_final_checkpoint: bool = True,
     select: MetricSelector | None = None,
+    refresh: DataRefresh | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
@@ -151,12 +175,12 @@ def train_loop(
     With ``select`` (``eval.select``) the last step is evaluated too, and the weights of the best
     evaluation so far are kept in ``<output_dir>/best/step_N``; the returned ``best_step`` names
     them (0 when no evaluation ran). Every process takes the main process's decision.
+    ``refresh`` may change the data between steps (:class:`DataRefresh`).
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
     batches_per_epoch = len(dataloader)
-    steps_per_epoch = max(math.ceil(batches_per_epoch / accum), 1)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch(dataloader, cfg) * cfg.epochs
 
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
@@ -175,6 +199,8 @@ def train_loop(
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
+        if refresh is not None:
+            refresh.load_state_dict(read_refresh_state(checkpoint))
         accelerator.print(
             f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
@@ -204,12 +230,19 @@ def train_loop(
     model.train()
     speedups.start_step()
 
+    def save() -> Path:
+        hook_state = refresh.state_dict() if refresh is not None else None
+        return save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints, hook_state)
+
     while state.step < total_steps:
+        if refresh is not None:  # a pass starts (an epoch, a resume, or new data): the hook's turn
+            refresh(state.step)
         skip = _set_epoch(dataloader, state.epoch, state.batch_in_epoch)
         # Creating a DataLoader iterator draws from the global RNG; keep it out of the stream so
         # a resumed run's dropout masks are those of the uninterrupted run.
         with torch.random.fork_rng(devices=[]):
             batches = iter(dataloader)
+        data_changed = False
         for batch in batches:
             if skip:
                 skip -= 1
@@ -280,9 +313,11 @@ def train_loop(
             speedups.start_step()
             state.step += 1
             progress.update(1)
+            # Before the checkpoint, which then holds the data the next steps train on.
+            data_changed = refresh is not None and state.step < total_steps and refresh(state.step)
 
             if state.nonfinite_streak >= cfg.max_nonfinite_steps:
-                path = save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                path = save()
                 progress.close()  # an open bar would garble the error line printed after it
                 raise NonFiniteLossError(
                     f"stopping at step {state.step}: {state.nonfinite_streak} consecutive non-finite losses or "
@@ -297,17 +332,15 @@ def train_loop(
             if evaluate is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
                 _evaluate(accelerator, model, evaluate, metrics_logger, state, select, output_dir)
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+                save()
                 saved = state.state_dict()
                 if select is not None and accelerator.is_main_process:
                     prune_best_weights(output_dir, state.best_step)
-            if state.step >= total_steps:
+            if state.step >= total_steps or data_changed:  # new data: restart the pass where it is
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-            continue
-        break
 
     progress.close()
     # The last step is a candidate too (and its evaluation goes into the checkpoint's state).
@@ -315,7 +348,7 @@ def train_loop(
         _evaluate(accelerator, model, evaluate, metrics_logger, state, select, output_dir)
     speedups.release()
     if save_final_checkpoint and state.state_dict() != saved:  # not twice when the last step was saved
-        save_checkpoint(accelerator, output_dir, state, cfg.keep_checkpoints)
+        save()
     if select is not None and accelerator.is_main_process:
         prune_best_weights(output_dir, state.best_step)
     if zero.active(accelerator):
