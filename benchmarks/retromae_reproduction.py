@@ -1,0 +1,266 @@
+"""Does RetroMAE pretraining beat MLM pretraining at the same budget? A small-scale reproduction.
+
+    python -m benchmarks.retromae_reproduction --data /work/shared/data/debian-packages \\
+        --work runs/retromae_reproduction
+
+RetroMAE's claim (arXiv 2205.12035): at the same pretraining budget, RetroMAE gives a better
+retriever after fine-tuning than MLM pretraining. Per seed, one randomly initialised small BERT
+(MiniLM's tokenizer) goes through three arms:
+
+* ``none``: no pretraining;
+* ``mlm``: ``task: retromae`` with ``retromae.objective: mlm`` (the same encoder masking and MLM
+  loss, no decoder);
+* ``retromae``: ``task: retromae`` with enhanced decoding (the paper's setting);
+
+the two pretrained arms on the same Debian long descriptions, in the same order, with the same
+encoder masks (same seed): the same steps x batch x sequence length. Then every arm gets the
+same contrastive tuning (``task: contrastive``, Debian short -> long pairs, CLS pooling as
+RetroMAE trains it) and nDCG@10 on held-out Debian dev pairs. Results are written after every
+run to ``<work>/results.json``; a rerun skips the runs already there (``--fresh`` to redo them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    MODEL,
+    fresh_accelerate_state,
+    markdown_table,
+    read_jsonl,
+    resolve_model,
+    unique_debian_pairs,
+    write_jsonl,
+)
+
+ARMS = ("none", "mlm", "retromae")
+
+
+def make_random_bert(path: Path, args: argparse.Namespace, seed: int) -> Path:
+    """A randomly initialised BERT with an MLM head, MiniLM's tokenizer; one per seed, shared by its arms."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=512,
+    )
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def pretrain_config(
+    model: Path, corpus: Path, out: Path, objective: str, seed: int, args: argparse.Namespace
+):
+    from ember_train.config import from_dict
+    from ember_train.pipelines.retromae import RetroMAEConfig
+
+    return from_dict(
+        RetroMAEConfig,
+        {
+            "task": "retromae",
+            "output_dir": str(out),
+            "seed": seed,
+            "model": {"name_or_path": str(model), "pooling": "cls", "max_seq_length": args.seq_len},
+            "data": {"train": str(corpus)},
+            "retromae": {
+                "objective": objective,
+                "encoder_mask_ratio": args.encoder_mask_ratio,
+                "decoder_mask_ratio": args.decoder_mask_ratio,
+            },
+            "train": {
+                "max_steps": args.pretrain_steps,
+                "batch_size": args.pretrain_batch,
+                "learning_rate": args.pretrain_lr,
+                "warmup_ratio": 0.1,
+                "weight_decay": 0.01,
+                "log_every": 10,
+                "checkpoint_every": 0,
+                "resume": "none",
+                "cpu_threads": args.threads,
+            },
+        },
+        source="retromae_reproduction",
+    )
+
+
+def contrastive_config(model: str, train: Path, dev: Path, out: Path, seed: int, args: argparse.Namespace):
+    from ember_train.config import from_dict
+    from ember_train.pipelines.contrastive import ContrastiveConfig
+
+    return from_dict(
+        ContrastiveConfig,
+        {
+            "task": "contrastive",
+            "output_dir": str(out),
+            "seed": seed,
+            "model": {
+                "name_or_path": model,
+                "pooling": "cls",
+                "normalize": True,
+                "max_seq_length": args.seq_len,
+            },
+            "data": {"train": str(train)},
+            "loss": {"temperature": 0.05},
+            "train": {
+                "max_steps": args.contrastive_steps,
+                "batch_size": args.contrastive_batch,
+                "learning_rate": args.contrastive_lr,
+                "warmup_ratio": 0.1,
+                "log_every": 10,
+                "checkpoint_every": 0,
+                "resume": "none",
+                "cpu_threads": args.threads,
+            },
+            "eval": {"data": str(dev), "before_training": False, "batch_size": 64},
+            "export": {"enabled": False},
+        },
+        source="retromae_reproduction",
+    )
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """Contrastive train pairs, dev pairs and the pretraining corpus (train long descriptions)."""
+    rng = random.Random(0)
+    train_rows = read_jsonl(args.data / "train.jsonl.gz")
+    pairs = unique_debian_pairs(train_rows, max_chars=1000)
+    rng.shuffle(pairs)
+    dev_pairs = unique_debian_pairs(read_jsonl(args.data / "dev.jsonl.gz"), max_chars=1000)
+    rng.shuffle(dev_pairs)
+    texts = list(dict.fromkeys(r["long"].strip() for r in train_rows if r["long"].strip()))
+    rng.shuffle(texts)
+    data = args.work / "data"
+    train = write_jsonl(data / "pairs_train.jsonl", pairs[: args.train_pairs])
+    dev = write_jsonl(data / "pairs_dev.jsonl", dev_pairs[: args.dev_pairs])
+    corpus = write_jsonl(data / "long_train.jsonl", [{"text": t} for t in texts[: args.pretrain_texts]])
+    return train, dev, corpus
+
+
+def summarize(results: dict, args: argparse.Namespace) -> str:
+    """Mean ± std per arm over the seeds done, and the paired margins (same seed, same init)."""
+    by_arm = {arm: [r["ndcg@10"] for r in results.values() if r["arm"] == arm] for arm in ARMS}
+
+    def mean_std(values: list[float]) -> str:
+        if not values:
+            return "-"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+    pretrain = f"{args.pretrain_steps} × {args.pretrain_batch}"
+    rows = [
+        [
+            arm,
+            "0" if arm == "none" else pretrain,
+            mean_std(by_arm[arm]),
+            len(by_arm[arm]),
+            ", ".join(f"{v:.2f}" for v in by_arm[arm]),
+        ]
+        for arm in ARMS
+    ]
+    table = markdown_table(
+        ["arm", "pretraining steps × batch", "nDCG@10 (mean ± std)", "seeds", "per seed"], rows, "llrrl"
+    )
+    margins = []
+    for better, worse in (("retromae", "mlm"), ("mlm", "none"), ("retromae", "none")):
+        diffs = [
+            results[f"{better}/{seed}"]["ndcg@10"] - results[f"{worse}/{seed}"]["ndcg@10"]
+            for seed in args.seeds
+            if f"{better}/{seed}" in results and f"{worse}/{seed}" in results
+        ]
+        if diffs:
+            wins = sum(d > 0 for d in diffs)
+            margins.append([f"{better} − {worse}", mean_std(diffs), f"{wins}/{len(diffs)}"])
+    return table + "\n\n" + markdown_table(["margin (paired by seed)", "mean ± std", "wins"], margins, "lrr")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder with train.jsonl.gz and dev.jsonl.gz"
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/retromae_reproduction"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--fresh", action="store_true", help="redo runs already in results.json")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--pretrain-texts", type=int, default=40000)
+    parser.add_argument("--pretrain-steps", type=int, default=160)
+    parser.add_argument("--pretrain-batch", type=int, default=16)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--encoder-mask-ratio", type=float, default=0.3)
+    parser.add_argument("--decoder-mask-ratio", type=float, default=0.5)
+    parser.add_argument("--train-pairs", type=int, default=4000)
+    parser.add_argument("--dev-pairs", type=int, default=500)
+    parser.add_argument("--contrastive-steps", type=int, default=80)
+    parser.add_argument("--contrastive-batch", type=int, default=32)
+    parser.add_argument("--contrastive-lr", type=float, default=3e-4)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ember_train.pipelines.contrastive import run as run_contrastive
+    from ember_train.pipelines.retromae import run as run_retromae
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    work = args.work
+    train, dev, corpus = prepare_data(args)
+    results_file = work / "results.json"
+    saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results: dict = {} if args.fresh else saved.get("runs", {})
+
+    def save() -> None:
+        summary = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}
+        results_file.write_text(json.dumps(summary, indent=2) + "\n")
+
+    for seed in args.seeds:
+        init = make_random_bert(work / f"seed{seed}" / "init", args, seed)
+        for arm in args.arms:
+            key = f"{arm}/{seed}"
+            if key in results:
+                continue
+            record: dict = {"arm": arm, "seed": seed}
+            model = str(init)
+            if arm != "none":
+                fresh_accelerate_state()
+                start = time.perf_counter()
+                out = run_retromae(pretrain_config(init, corpus, work / f"seed{seed}" / arm, arm, seed, args))
+                record["pretrain_seconds"] = time.perf_counter() - start
+                record["pretrain_last_metrics"] = out["last_metrics"]
+                model = out["export_dir"]
+            fresh_accelerate_state()
+            start = time.perf_counter()
+            out = run_contrastive(
+                contrastive_config(model, train, dev, work / f"seed{seed}" / f"{arm}_contrastive", seed, args)
+            )
+            record["contrastive_seconds"] = time.perf_counter() - start
+            record["ndcg@10"] = out["eval_after"][0]["metrics"]["ndcg@10"]
+            results[key] = record
+            save()
+            print(f"[{time.strftime('%H:%M:%S')}] {key}: ndcg@10={record['ndcg@10']:.2f}", flush=True)
+
+    print(summarize(results, args))
+
+
+if __name__ == "__main__":
+    main()
