@@ -17,6 +17,12 @@ encoder masks (same seed): the same steps x batch x sequence length. Then every 
 same contrastive tuning (``task: contrastive``, Debian short -> long pairs, CLS pooling as
 RetroMAE trains it) and nDCG@10 on held-out Debian dev pairs. Results are written after every
 run to ``<work>/results.json``; a rerun skips the runs already there (``--fresh`` to redo them).
+
+``--diagnose`` adds, for every pretrained model: its nDCG@10 before any contrastive tuning (CLS
+pooling), and for RetroMAE how much the decoder relies on ``h``: its held-out reconstruction
+loss/accuracy with each text's own ``h`` and with ``h`` of another text in the batch.
+``--collect DIR ...`` merges the runs of other work folders (e.g. one process per seed, run side by
+side) into this one's ``results.json`` before the table and the diagnostics.
 """
 
 from __future__ import annotations
@@ -150,6 +156,87 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return train, dev, corpus
 
 
+def zero_shot_ndcg(model: str, dev: Path, seq_len: int) -> float:
+    """nDCG@10 of a model as it is (CLS pooling, normalised), before contrastive tuning."""
+    from ember_train.models import Encoder
+    from ember_train.pipelines.contrastive import EvalConfig, build_evaluators
+
+    (evaluator,) = build_evaluators(EvalConfig(data=str(dev), batch_size=64))
+    encoder = Encoder.from_pretrained(model, pooling="cls", normalize=True, max_seq_length=seq_len)
+    return evaluator(encoder).metrics["ndcg@10"]
+
+
+def decoder_reliance(
+    pretrained: Path, texts: list[str], seed: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """Held-out decoder loss/accuracy with each text's own ``h`` and with the next text's ``h``.
+
+    If the two are close, the decoder rebuilds the text from the visible context alone and the
+    gradient that should teach ``h`` to carry the text is weak.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ember_train.data.masking import RetroMAECollator
+    from ember_train.models.pooling import pool
+    from ember_train.models.retromae import RetroMAEModel
+
+    model = RetroMAEModel.from_pretrained(
+        pretrained, max_seq_length=args.seq_len, init_decoder_from=pretrained
+    )
+    model.eval()
+    collator = RetroMAECollator(
+        model.tokenizer,
+        max_seq_length=args.seq_len,
+        encoder_mask_ratio=args.encoder_mask_ratio,
+        decoder_mask_ratio=args.decoder_mask_ratio,
+        seed=seed + 1000,
+    )
+    sums = {"own": [0.0, 0.0], "other": [0.0, 0.0]}
+    count = 0
+    with torch.no_grad():
+        for n, start in enumerate(range(0, len(texts), 32)):
+            batch = collator([{"text": t, "key": (0, n)} for t in texts[start : start + 32]])
+            hidden = model.backbone(
+                input_ids=batch["encoder_input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            h = pool(hidden, batch["attention_mask"], model.pooling)
+            at = batch["decoder_positions"]
+            targets = batch["decoder_labels"].flatten()[at]
+            for name, vector in (("own", h), ("other", h.roll(1, dims=0))):
+                length = batch["input_ids"].shape[1]
+                query = model.query_stream_from(vector, length)
+                content = model.content_stream_from(vector, batch["input_ids"])
+                logits = model.head(model.decoder(query, content, batch["decoder_visible"]).flatten(0, 1)[at])
+                sums[name][0] += float(F.cross_entropy(logits, targets, reduction="sum"))
+                sums[name][1] += float((logits.argmax(-1) == targets).sum())
+            count += int(targets.numel())
+    return {
+        f"dec_{metric}_{name}_h": sums[name][i] / count
+        for name in sums
+        for i, metric in enumerate(("loss", "acc"))
+    }
+
+
+def diagnose(results: dict, seed_dirs: dict[int, Path], dev: Path, args: argparse.Namespace) -> dict:
+    dev_texts = [json.loads(line)["pos"] for line in dev.read_text().splitlines()][:256]
+    found: dict = {}
+    for seed in args.seeds:
+        for arm in ARMS:
+            model = seed_dirs[seed] / ("init" if arm == "none" else f"{arm}/final")
+            if f"{arm}/{seed}" not in results or not model.is_dir():
+                continue
+            record = {"zero_shot_ndcg@10": zero_shot_ndcg(str(model), dev, args.seq_len)}
+            if arm == "retromae":
+                record.update(decoder_reliance(seed_dirs[seed] / arm / "pretrained", dev_texts, seed, args))
+            found[f"{arm}/{seed}"] = record
+            print(
+                f"diagnostics {arm}/{seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items()),
+                flush=True,
+            )
+    return found
+
+
 def summarize(results: dict, args: argparse.Namespace) -> str:
     """Mean ± std per arm over the seeds done, and the paired margins (same seed, same init)."""
     by_arm = {arm: [r["ndcg@10"] for r in results.values() if r["arm"] == arm] for arm in ARMS}
@@ -198,9 +285,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--fresh", action="store_true", help="redo runs already in results.json")
+    parser.add_argument("--collect", type=Path, nargs="*", default=[], help="other work folders to merge")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="also the zero-shot and decoder-reliance checks"
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pretrain-texts", type=int, default=40000)
     parser.add_argument("--pretrain-steps", type=int, default=160)
     parser.add_argument("--pretrain-batch", type=int, default=16)
@@ -211,7 +302,7 @@ def main() -> None:
     parser.add_argument("--dev-pairs", type=int, default=500)
     parser.add_argument("--contrastive-steps", type=int, default=80)
     parser.add_argument("--contrastive-batch", type=int, default=32)
-    parser.add_argument("--contrastive-lr", type=float, default=3e-4)
+    parser.add_argument("--contrastive-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
 
@@ -228,12 +319,25 @@ def main() -> None:
     results_file = work / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results: dict = {} if args.fresh else saved.get("runs", {})
+    diagnostics: dict = {} if args.fresh else saved.get("diagnostics", {})
+    seed_dirs = {seed: work / f"seed{seed}" for seed in args.seeds}
+    for other in args.collect:
+        found = json.loads((other / "results.json").read_text())
+        results.update(found["runs"])
+        diagnostics.update(found.get("diagnostics", {}))
+        seed_dirs.update({r["seed"]: other / f"seed{r['seed']}" for r in found["runs"].values()})
 
     def save() -> None:
-        summary = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}
+        summary = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "runs": results,
+            "diagnostics": diagnostics,
+        }
         results_file.write_text(json.dumps(summary, indent=2) + "\n")
 
     for seed in args.seeds:
+        if all(f"{arm}/{seed}" in results for arm in args.arms):
+            continue
         init = make_random_bert(work / f"seed{seed}" / "init", args, seed)
         for arm in args.arms:
             key = f"{arm}/{seed}"
@@ -259,6 +363,9 @@ def main() -> None:
             save()
             print(f"[{time.strftime('%H:%M:%S')}] {key}: ndcg@10={record['ndcg@10']:.2f}", flush=True)
 
+    if args.diagnose:
+        diagnostics.update(diagnose(results, seed_dirs, dev, args))
+        save()
     print(summarize(results, args))
 
 
