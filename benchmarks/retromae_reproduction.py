@@ -345,10 +345,17 @@ def main() -> None:
                 continue
             record: dict = {"arm": arm, "seed": seed}
             model = str(init)
-            if arm != "none":
+            pretrained = seed_dirs[seed] / arm
+            if arm != "none" and (pretrained / "results.json").is_file() and (pretrained / "final").is_dir():
+                # An interrupted run: the pretraining finished, reuse it.
+                done = json.loads((pretrained / "results.json").read_text())
+                record["pretrain_seconds"] = done["train_seconds"]
+                record["pretrain_last_metrics"] = done["last_metrics"]
+                model = str(pretrained / "final")
+            elif arm != "none":
                 fresh_accelerate_state()
                 start = time.perf_counter()
-                out = run_retromae(pretrain_config(init, corpus, work / f"seed{seed}" / arm, arm, seed, args))
+                out = run_retromae(pretrain_config(init, corpus, pretrained, arm, seed, args))
                 record["pretrain_seconds"] = time.perf_counter() - start
                 record["pretrain_last_metrics"] = out["last_metrics"]
                 model = out["export_dir"]
