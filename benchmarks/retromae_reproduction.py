@@ -20,7 +20,8 @@ run to ``<work>/results.json``; a rerun skips the runs already there (``--fresh`
 
 ``--diagnose`` adds, for every pretrained model: its nDCG@10 before any contrastive tuning (CLS
 pooling), and for RetroMAE how much the decoder relies on ``h``: its held-out reconstruction
-loss/accuracy with each text's own ``h`` and with ``h`` of another text in the batch.
+loss/accuracy with each text's own ``h``, with ``h`` of another text in the batch and with a zero
+``h``, and how alike the ``h`` of different texts are.
 ``--collect DIR ...`` merges the runs of other work folders (e.g. one process per seed, run side by
 side) into this one's ``results.json`` before the table and the diagnostics.
 """
@@ -169,10 +170,11 @@ def zero_shot_ndcg(model: str, dev: Path, seq_len: int) -> float:
 def decoder_reliance(
     pretrained: Path, texts: list[str], seed: int, args: argparse.Namespace
 ) -> dict[str, float]:
-    """Held-out decoder loss/accuracy with each text's own ``h`` and with the next text's ``h``.
+    """Held-out decoder loss/accuracy with each text's own ``h``, the next text's ``h`` and a zero
+    ``h``, and the mean cosine between the ``h`` of different texts.
 
-    If the two are close, the decoder rebuilds the text from the visible context alone and the
-    gradient that should teach ``h`` to carry the text is weak.
+    Own ≈ other: ``h`` tells the decoder nothing about its text, either because the decoder
+    ignores it (own ≈ zero too) or because every text's ``h`` is the same (cosine ≈ 1).
     """
     import torch
     import torch.nn.functional as F
@@ -192,8 +194,8 @@ def decoder_reliance(
         decoder_mask_ratio=args.decoder_mask_ratio,
         seed=seed + 1000,
     )
-    sums = {"own": [0.0, 0.0], "other": [0.0, 0.0]}
-    count = 0
+    sums = {"own": [0.0, 0.0], "other": [0.0, 0.0], "zero": [0.0, 0.0]}
+    count, cosines = 0, []
     with torch.no_grad():
         for n, start in enumerate(range(0, len(texts), 32)):
             batch = collator([{"text": t, "key": (0, n)} for t in texts[start : start + 32]])
@@ -203,7 +205,11 @@ def decoder_reliance(
             h = pool(hidden, batch["attention_mask"], model.pooling)
             at = batch["decoder_positions"]
             targets = batch["decoder_labels"].flatten()[at]
-            for name, vector in (("own", h), ("other", h.roll(1, dims=0))):
+            unit = F.normalize(h, dim=-1)
+            similarity = unit @ unit.T
+            off_diagonal = ~torch.eye(len(h), dtype=torch.bool)
+            cosines.append(float(similarity[off_diagonal].mean()))
+            for name, vector in (("own", h), ("other", h.roll(1, dims=0)), ("zero", torch.zeros_like(h))):
                 length = batch["input_ids"].shape[1]
                 query = model.query_stream_from(vector, length)
                 content = model.content_stream_from(vector, batch["input_ids"])
@@ -211,11 +217,12 @@ def decoder_reliance(
                 sums[name][0] += float(F.cross_entropy(logits, targets, reduction="sum"))
                 sums[name][1] += float((logits.argmax(-1) == targets).sum())
             count += int(targets.numel())
-    return {
+    found = {
         f"dec_{metric}_{name}_h": sums[name][i] / count
         for name in sums
         for i, metric in enumerate(("loss", "acc"))
     }
+    return {**found, "h_cosine_between_texts": sum(cosines) / len(cosines)}
 
 
 def diagnose(results: dict, seed_dirs: dict[int, Path], dev: Path, args: argparse.Namespace) -> dict:
