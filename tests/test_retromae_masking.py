@@ -323,5 +323,20 @@ def test_collator_batch_contract_and_seeding(wordpiece):
     assert batch["token_counts"] == {"tokens": real, "padding_tokens": batch["attention_mask"].numel() - real}
 
 
+def test_mlm_only_collator_masks_the_encoder_alike_and_builds_no_decoder_tensors(wordpiece):
+    """``decoder=False`` (``retromae.objective: mlm``) leaves the encoder's batch exactly as
+    RetroMAE's, so the two arms see the same tokens and the same masks."""
+    items = [{"text": t, "key": (0, 2)} for t in corpus_texts(6)]
+    full = RetroMAECollator(wordpiece, max_seq_length=64, seed=3)(items)
+    mlm = RetroMAECollator(wordpiece, max_seq_length=64, seed=3, decoder=False)(items)
+    assert not {"decoder_labels", "decoder_visible", "decoder_positions"} & set(mlm)
+    assert set(mlm) == set(full) - {"decoder_labels", "decoder_visible", "decoder_positions"}
+    for key in mlm:
+        if key == "token_counts":
+            assert mlm[key] == full[key]
+        else:
+            assert torch.equal(mlm[key], full[key]), key
+
+
 def test_mask_memory_at_batch_32_by_512():
     assert mask_memory_bytes(32, 512) == 2 * 32 * 512 * 512  # 16 MiB: the figure in the docs

@@ -109,6 +109,79 @@ def test_loss_decreases_and_both_losses_are_logged(small_bert, tmp_path):
     assert results["eval_after"]["dec_mlm_acc"] > results["eval_before"]["dec_mlm_acc"]
 
 
+def test_mlm_objective_trains_the_encoder_alone_and_exports(small_bert, tmp_path):
+    """``retromae.objective: mlm``: the same encoder masking and MLM loss, no decoder anywhere
+    (parameters, loss, logs, evaluation, saved files), and the same outputs as a RetroMAE run."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForMaskedLM
+
+    from ember_train.pipelines.retromae import build_model, export_checkpoint
+
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        small_bert,
+        out,
+        retromae={"objective": "mlm"},
+        train={"max_steps": 20, "learning_rate": 5e-3, "checkpoint_every": 20, "keep_checkpoints": 1},
+        eval={"data": str(CORPUS), "max_texts": 16},
+    )
+    assert build_model(cfg).decoder is None
+    results = run(cfg)
+    records = train_records(out)
+    assert sorted(records) == list(range(1, 21))
+    for r in records.values():
+        assert "enc_mlm_loss" in r and "enc_mlm_acc" in r
+        assert not any(key.startswith("dec_") for key in r), r
+        assert r["loss"] == pytest.approx(r["enc_mlm_loss"], rel=1e-5)
+    first = sum(records[s]["enc_mlm_loss"] for s in range(1, 5)) / 4
+    last = sum(records[s]["enc_mlm_loss"] for s in range(17, 21)) / 4
+    assert last < first - 0.5, (first, last)
+    assert set(results["eval_after"]) == {"enc_mlm_acc", "enc_mlm_loss"}
+    assert results["eval_after"]["enc_mlm_loss"] < results["eval_before"]["enc_mlm_loss"]
+
+    checkpoint = out / "checkpoints" / "step_0000020"
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(str(checkpoint / "model.safetensors")) if k.startswith("decoder.")]
+    pretrained, final = Path(results["pretrained_dir"]), Path(results["export_dir"])
+    assert (
+        not (pretrained / "decoder.safetensors").exists()
+        and not (pretrained / "decoder_config.json").exists()
+    )
+    AutoModelForMaskedLM.from_pretrained(pretrained)
+    texts = corpus_texts(4)
+    encoder = Encoder.from_pretrained(final)
+    assert encoder.pooling == "cls"
+    ours = encoder.encode(texts)
+    assert torch.allclose(
+        torch.as_tensor(SentenceTransformer(str(final), device="cpu").encode(texts)), ours, atol=1e-5
+    )
+    exported = export_checkpoint(cfg, checkpoint, tmp_path / "exported")
+    assert torch.allclose(Encoder.from_pretrained(exported).encode(texts), ours, atol=1e-5)
+    assert not (exported / "mlm" / "decoder.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("retromae.objective=contrastive", "retromae.objective"),
+        ("retromae.init_decoder_from=runs/x/pretrained", "init_decoder_from needs objective: retromae"),
+    ],
+)
+def test_mlm_objective_config_errors(tmp_path, override, message):
+    """A bad objective (or a decoder to load into an MLM-only run) stops at the config, before any model."""
+    from ember_train.config import ConfigError
+
+    cfg = tmp_path / "mlm.yaml"
+    cfg.write_text(
+        "task: retromae\nmodel: {name_or_path: does-not-exist}\ndata: {train: nowhere.jsonl}\n"
+        "retromae: {objective: mlm}\n"
+    )
+    assert load_config(str(cfg)).retromae.objective == "mlm"
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(cfg), [override])
+
+
 def test_data_loader_workers_change_nothing(small_bert, tmp_path):
     """The shipped BERT-base config masks in 4 workers: masks are keyed by (seed, epoch, batch,
     rank), not by the process that draws them, so workers give the same run, resume included."""

@@ -191,7 +191,8 @@ class RetroMAECollator:
     ``encoder_input_ids`` (masked, 80/10/10), ``encoder_labels``, ``decoder_labels`` (every real
     token but position 0) and ``decoder_visible`` (``[B, L, L]`` booleans); ``encoder_positions``
     and ``decoder_positions``, the flat indices of the scored positions of each labels tensor; and
-    ``token_counts`` (floats, for the logs).
+    ``token_counts`` (floats, for the logs). With ``decoder=False`` (MLM only) the decoder's
+    tensors are left out: the ``B × L × L`` mask is the costly part of a batch.
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class RetroMAECollator:
         max_seq_length: int,
         encoder_mask_ratio: float = 0.3,
         decoder_mask_ratio: float = 0.5,
+        decoder: bool = True,
         seed: int = 0,
         rank: int = 0,
     ) -> None:
@@ -209,6 +211,7 @@ class RetroMAECollator:
         self.max_seq_length = max_seq_length
         self.encoder_mask_ratio = encoder_mask_ratio
         self.decoder_mask_ratio = decoder_mask_ratio
+        self.decoder = decoder
         self.seed = seed
         self.rank = rank
 
@@ -231,21 +234,26 @@ class RetroMAECollator:
         groups = self.masker.word_groups(input_ids, attention_mask, word_ids)
         mask = self.masker.sample_mask(groups, self.encoder_mask_ratio, generator)
         encoder_input_ids, encoder_labels = self.masker.corrupt(input_ids, mask, generator)
-        decoder_labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        decoder_labels[:, 0] = IGNORE_INDEX
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "encoder_input_ids": encoder_input_ids,
             "encoder_labels": encoder_labels,
+            # Found here, on the host: boolean selection on a GPU would make the host wait for it.
+            "encoder_positions": target_positions(encoder_labels),
+            "token_counts": token_counts(encoded),
+        }
+        if not self.decoder:
+            return batch
+        decoder_labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        decoder_labels[:, 0] = IGNORE_INDEX
+        return {
+            **batch,
             "decoder_labels": decoder_labels,
             "decoder_visible": decoder_attention_mask(
                 groups, attention_mask, self.decoder_mask_ratio, generator
             ),
-            # Found here, on the host: boolean selection on a GPU would make the host wait for it.
-            "encoder_positions": target_positions(encoder_labels),
             "decoder_positions": target_positions(decoder_labels),
-            "token_counts": token_counts(encoded),
         }
 
 

@@ -28,7 +28,8 @@ class RetroMAELoss:
     """``encoder_weight * MLM(encoder) + decoder_weight * CE(decoder)``; returns the loss and metrics.
 
     Metric names: ``enc_mlm_loss``, ``dec_mlm_loss``, ``enc_mlm_acc``, ``dec_mlm_acc`` (the loop
-    logs them averaged over each log window, next to the weighted total ``loss``).
+    logs them averaged over each log window, next to the weighted total ``loss``). A model without
+    a decoder (MLM only) gives ``encoder_weight * MLM(encoder)`` and no ``dec_*`` metrics.
     """
 
     def __init__(self, encoder_weight: float = 1.0, decoder_weight: float = 1.0) -> None:
@@ -39,6 +40,8 @@ class RetroMAELoss:
 
     def __call__(self, output: RetroMAEOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         enc_loss, enc_acc = token_cross_entropy(output.encoder_logits, output.encoder_targets)
+        if output.decoder_logits is None:
+            return self.encoder_weight * enc_loss, {"enc_mlm_loss": enc_loss.detach(), "enc_mlm_acc": enc_acc}
         dec_loss, dec_acc = token_cross_entropy(output.decoder_logits, output.decoder_targets)
         loss = self.encoder_weight * enc_loss + self.decoder_weight * dec_loss
         # 0-d tensors, not floats: the training loop reads them with the loss, once per step.

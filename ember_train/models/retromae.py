@@ -15,6 +15,9 @@ state ``h`` is the sentence embedding. The decoder sees a heavily masked view an
 
 The decoder and the encoder share the (tied) MLM head, so the decoder cannot learn its own
 vocabulary shortcut.
+
+Without a decoder (``decoder=None``, ``decoder_layers=0``) the model is plain MLM pretraining with
+the same masking: the baseline that RetroMAE's claim is measured against.
 """
 
 from __future__ import annotations
@@ -218,8 +221,8 @@ class RetroMAEOutput:
 
     encoder_logits: torch.Tensor  # [N_enc, V], masked positions only
     encoder_targets: torch.Tensor  # [N_enc]
-    decoder_logits: torch.Tensor  # [N_dec, V], every real token but position 0
-    decoder_targets: torch.Tensor  # [N_dec]
+    decoder_logits: torch.Tensor | None  # [N_dec, V], every real token but position 0; None: no decoder
+    decoder_targets: torch.Tensor | None  # [N_dec]
     embedding: torch.Tensor  # [B, D], the pooled ``h``
 
 
@@ -236,7 +239,8 @@ def mlm_head_of(mlm: PreTrainedModel) -> nn.Module:
 
 
 class RetroMAEModel(nn.Module):
-    """Encoder (the shared backbone, through ``AutoModelForMaskedLM``) + tied MLM head + decoder.
+    """Encoder (the shared backbone, through ``AutoModelForMaskedLM``) + tied MLM head + decoder
+    (``None``: MLM only).
 
     ``self.mlm`` holds the backbone and its MLM head exactly as Hugging Face builds them, so the
     word-embedding/output tie is HF's own and ``save_pretrained`` writes a checkpoint that
@@ -248,7 +252,7 @@ class RetroMAEModel(nn.Module):
         self,
         mlm: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        decoder: RetroMAEDecoder,
+        decoder: RetroMAEDecoder | None,
         *,
         pooling: str = "cls",
         max_seq_length: int = 512,
@@ -258,7 +262,7 @@ class RetroMAEModel(nn.Module):
         self.decoder = decoder
         mlm_head_of(mlm)  # fail early on a model without a known MLM head
         self.pooling = pooling
-        self.query_stream = decoder.config.query_stream
+        self.query_stream = decoder.config.query_stream if decoder is not None else None
         embeddings = self.backbone.embeddings
         if self.query_stream == "position" and not isinstance(
             getattr(embeddings, "position_embeddings", None), nn.Embedding
@@ -267,7 +271,7 @@ class RetroMAEModel(nn.Module):
                 f"{type(self.backbone).__name__} has no absolute position embeddings; "
                 "the position query stream needs them"
             )
-        if decoder.config.hidden_size != mlm.config.hidden_size:
+        if decoder is not None and decoder.config.hidden_size != mlm.config.hidden_size:
             raise ValueError("decoder hidden_size must equal the encoder's")
         self.__dict__["encoder"] = Encoder(
             self.backbone, tokenizer, pooling=pooling, normalize=False, max_seq_length=max_seq_length
@@ -303,7 +307,8 @@ class RetroMAEModel(nn.Module):
     ) -> RetroMAEModel:
         """Load backbone + MLM head (a missing head, e.g. for a sentence-transformers checkpoint,
         is initialised and tied by transformers), and a new or saved decoder. A new decoder takes
-        its dropout from the backbone's config, so ``attention_dropout`` reaches both."""
+        its dropout from the backbone's config, so ``attention_dropout`` reaches both.
+        ``decoder_layers=0`` (and no ``init_decoder_from``) builds no decoder: MLM only."""
         name_or_path = str(name_or_path)
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         mlm = load_backbone(
@@ -316,9 +321,10 @@ class RetroMAEModel(nn.Module):
             **weight_loading_kwargs(name_or_path, allow_pickle_weights),
         )
         max_seq_length = min(max_seq_length, getattr(mlm.config, "max_position_embeddings", max_seq_length))
+        decoder: RetroMAEDecoder | None = None
         if init_decoder_from is not None:
             decoder = RetroMAEDecoder.load(init_decoder_from)
-        else:
+        elif decoder_layers > 0:
             config = DecoderConfig.from_backbone(
                 mlm.config, num_layers=decoder_layers, query_stream=query_stream
             )
@@ -363,6 +369,9 @@ class RetroMAEModel(nn.Module):
         # indices), since finding them here would make a GPU wait for the host.
         encoder_at = batch["encoder_positions"]
         encoder_logits = self.head(hidden.flatten(0, 1)[encoder_at])
+        encoder_targets = batch["encoder_labels"].flatten()[encoder_at]
+        if self.decoder is None:
+            return RetroMAEOutput(encoder_logits, encoder_targets, None, None, embedding=h)
 
         input_ids = batch["input_ids"]
         query = self.query_stream_from(h, input_ids.shape[1])
@@ -372,7 +381,7 @@ class RetroMAEModel(nn.Module):
         decoder_logits = self.head(decoded.flatten(0, 1)[decoder_at])
         return RetroMAEOutput(
             encoder_logits=encoder_logits,
-            encoder_targets=batch["encoder_labels"].flatten()[encoder_at],
+            encoder_targets=encoder_targets,
             decoder_logits=decoder_logits,
             decoder_targets=batch["decoder_labels"].flatten()[decoder_at],
             embedding=h,
@@ -382,11 +391,12 @@ class RetroMAEModel(nn.Module):
         """Encoder + MLM head as a Hugging Face checkpoint, the tokenizer, and the decoder beside them.
 
         ``AutoModelForMaskedLM`` (and ``AutoModel``) load the directory; ``init_decoder_from``
-        reads the decoder back. Weights are written in fp32 whatever the training precision.
+        reads the decoder back (none is written without one). Weights are written in fp32 whatever the training precision.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.mlm.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
-        self.decoder.save(directory)
+        if self.decoder is not None:
+            self.decoder.save(directory)
         return directory

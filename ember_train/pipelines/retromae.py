@@ -5,7 +5,7 @@
 Setup -> evaluate before -> train -> evaluate after -> save, top to bottom. The run writes:
 
 * ``<output_dir>/pretrained``: the encoder + MLM head (``AutoModelForMaskedLM``), tokenizer and
-  the decoder (``decoder.safetensors`` + ``decoder_config.json``). Continue pretraining from it
+  the decoder (``decoder.safetensors`` + ``decoder_config.json``; none with ``retromae.objective: mlm``). Continue pretraining from it
   with ``model.name_or_path`` and ``retromae.init_decoder_from`` both pointing there.
 * ``<output_dir>/final``: the sentence-transformers export of the same encoder (pooling as
   trained, ``cls`` by default); a contrastive config takes either directory as ``model``.
@@ -69,6 +69,9 @@ class TextDataConfig:
 
 @dataclass
 class RetroMAESection:
+    # retromae: encoder MLM + enhanced decoding (the paper); mlm: the encoder's MLM loss alone, with
+    # the same masking and no decoder built (the baseline RetroMAE is measured against)
+    objective: Literal["retromae", "mlm"] = "retromae"
     encoder_mask_ratio: float = 0.3
     decoder_mask_ratio: float = 0.5
     encoder_loss_weight: float = 1.0
@@ -79,6 +82,10 @@ class RetroMAESection:
     init_decoder_from: str | None = None  # a previous run's pretrained/ directory
 
     def __post_init__(self) -> None:
+        if self.objective not in ("retromae", "mlm"):
+            raise ValueError(f"objective must be retromae or mlm, got {self.objective!r}")
+        if self.objective == "mlm" and self.init_decoder_from is not None:
+            raise ValueError("init_decoder_from needs objective: retromae (objective: mlm builds no decoder)")
         if not 0 < self.encoder_mask_ratio < 1:
             raise ValueError("encoder_mask_ratio must be in (0, 1)")
         if not 0 <= self.decoder_mask_ratio < 1:
@@ -125,7 +132,7 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
         logger.warning(
             "RetroMAE reconstructs raw text from an unnormalised vector: model.%s ignored", ignored
         )
-    if r.init_decoder_from is None and (Path(name) / DECODER_WEIGHTS).is_file():
+    if r.objective == "retromae" and r.init_decoder_from is None and (Path(name) / DECODER_WEIGHTS).is_file():
         logger.warning(
             "%s holds a RetroMAE decoder but retromae.init_decoder_from is unset: starting a new decoder",
             name,
@@ -134,7 +141,7 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
         name,
         pooling=cfg.model.pooling or "cls",  # RetroMAE's sentence vector is [CLS] unless asked otherwise
         max_seq_length=cfg.model.max_seq_length or 512,
-        decoder_layers=r.decoder_layers,
+        decoder_layers=r.decoder_layers if r.objective == "retromae" else 0,
         query_stream=r.query_stream,
         decoder_init=r.decoder_init,
         init_decoder_from=resolve_model_path(r.init_decoder_from) if r.init_decoder_from else None,
@@ -254,12 +261,13 @@ class MLMEvaluator:
             "dec_correct": 0.0,
             "dec_n": 0,
         }
+        sides = ("enc", "dec") if model.decoder is not None else ("enc",)
         for batch in self.batches:
             out = model(send_to_device(batch, device))
             for side, logits, targets in (
                 ("enc", out.encoder_logits, out.encoder_targets),
                 ("dec", out.decoder_logits, out.decoder_targets),
-            ):
+            )[: len(sides)]:
                 sums[f"{side}_loss"] += float(
                     torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
                 )
@@ -268,7 +276,7 @@ class MLMEvaluator:
         model.train(was_training)
         return {
             f"{side}_mlm_{metric}": sums[f"{side}_{key}"] / max(sums[f"{side}_n"], 1)
-            for side in ("enc", "dec")
+            for side in sides
             for metric, key in (("acc", "correct"), ("loss", "loss"))
         }
 
@@ -289,6 +297,7 @@ def build_evaluator(
         max_seq_length=collator.max_seq_length,
         encoder_mask_ratio=collator.encoder_mask_ratio,
         decoder_mask_ratio=collator.decoder_mask_ratio,
+        decoder=collator.decoder,
         seed=cfg.seed + 1,
     )
     return MLMEvaluator(texts, eval_collator, cfg.eval.batch_size)
@@ -323,12 +332,14 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
     accelerator, output_dir = start_run(cfg)
 
     model = build_model(cfg)
-    accelerator.print(f"model: {model.encoder.describe(cfg.model.name_or_path)} + MLM head + decoder")
+    parts = "MLM head + decoder" if model.decoder is not None else "MLM head (objective: mlm, no decoder)"
+    accelerator.print(f"model: {model.encoder.describe(cfg.model.name_or_path)} + {parts}")
     collator = RetroMAECollator(
         model.tokenizer,
         max_seq_length=model.encoder.max_seq_length,
         encoder_mask_ratio=cfg.retromae.encoder_mask_ratio,
         decoder_mask_ratio=cfg.retromae.decoder_mask_ratio,
+        decoder=model.decoder is not None,
         seed=cfg.seed,
         rank=accelerator.process_index,
     )
@@ -378,9 +389,8 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
         save_outputs(
             model, cfg, pretrained_dir, export_dir, command, f"RetroMAE pretraining on `{cfg.data.train}`"
         )
-        accelerator.print(
-            f"saved the MLM checkpoint + decoder to {pretrained_dir}, the encoder export to {export_dir}"
-        )
+        saved = "the MLM checkpoint + decoder" if model.decoder is not None else "the MLM checkpoint"
+        accelerator.print(f"saved {saved} to {pretrained_dir}, the encoder export to {export_dir}")
         return {"pretrained_dir": str(pretrained_dir), "export_dir": str(export_dir)}
 
     return finish_run(accelerator, cfg, output_dir, results, command, export)
