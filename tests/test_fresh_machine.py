@@ -94,7 +94,9 @@ def test_readme_launch_uses_every_core_and_starts_quietly(tmp_path, tiny_bert_pa
     assert f"devices: cpu, 1 process x {cores} threads ({cores} physical cores)" in screen, screen[:3000]
     lines = [line for line in screen.splitlines() if line.strip()]
     assert lines[0].startswith("devices: cpu"), lines[:5]  # the run's own lines come first
-    assert lines[1].startswith("model: "), lines[:5]
+    # The data is read before the model, so that a bad file stops the run before a slow load.
+    assert lines[1].startswith("training pairs: "), lines[:5]
+    assert lines[2].startswith("model: "), lines[:5]
     for noise in (
         "were not passed to `accelerate launch`",  # accelerate's defaults block
         "Setting accelerator to CPU",  # DeepSpeed's import warning

@@ -29,7 +29,7 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,53 @@ def fold_text(text: str) -> str:
 def _positives(row: Mapping[str, Any]) -> list[str]:
     pos = row["pos"]
     return [pos] if isinstance(pos, str) else list(pos)
+
+
+@dataclass(kw_only=True)
+class MiningSettings:
+    """How negatives are chosen (the options of ``ember-train mine``), as a config section: the ember
+    recipe's mining stage and mining while training both extend it."""
+
+    rank_window: list[int] = field(default_factory=lambda: [10, 100])  # START, END: ranks START+1..END
+    margin: float = 0.0  # drop candidates scoring >= pos_score - margin
+    max_score_ratio: float | None = 0.95  # drop candidates >= ratio * pos_score (null disables)
+    batch_size: int = 64  # texts embedded at once
+    chunk_size: int = 16_384  # documents scored at once (memory bound)
+
+    def __post_init__(self) -> None:
+        if len(self.rank_window) != 2 or not 0 <= self.rank_window[0] < self.rank_window[1]:
+            raise ValueError(
+                f"rank_window must be [START, END] with 0 <= START < END, got {self.rank_window}"
+            )
+        if self.max_score_ratio is not None and self.max_score_ratio <= 0:
+            raise ValueError(f"max_score_ratio must be > 0 or null, got {self.max_score_ratio}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("batch_size and chunk_size must be >= 1")
+
+    def mine(
+        self,
+        encoder: SupportsEncode,
+        pairs: Sequence[Mapping[str, Any]],
+        *,
+        num_negatives: int,
+        seed: int,
+        corpus: Sequence[str] | None = None,
+        show_progress: bool = True,
+    ) -> tuple[list[dict[str, Any]], MiningStats]:
+        """:func:`mine_hard_negatives` with these settings."""
+        return mine_hard_negatives(
+            encoder,
+            pairs,
+            corpus=corpus,
+            rank_window=(self.rank_window[0], self.rank_window[1]),
+            margin=self.margin,
+            max_score_ratio=self.max_score_ratio,
+            num_negatives=num_negatives,
+            seed=seed,
+            batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
+            show_progress=show_progress,
+        )
 
 
 def mine_hard_negatives(

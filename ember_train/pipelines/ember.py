@@ -49,7 +49,7 @@ from ember_train.config import (
 )
 from ember_train.data.reader import DataError
 from ember_train.evaluation.base import EvalResult
-from ember_train.evaluation.mining import mine_hard_negatives, read_corpus, read_pair_rows, write_jsonl
+from ember_train.evaluation.mining import MiningSettings, read_corpus, read_pair_rows, write_jsonl
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.models import Encoder
 from ember_train.models.sentence_transformers import read_matryoshka_dims, read_sentence_transformers_settings
@@ -73,24 +73,16 @@ _OWNED = {
 
 
 @dataclass
-class MiningConfig:
+class MiningConfig(MiningSettings):
     """The ``mining:`` stage: what ``ember-train mine`` takes. It mines for the contrastive pairs."""
 
     enabled: bool = True
     num_negatives: int = 4  # per query; also the contrastive stage's loss.num_negatives unless set there
-    rank_window: list[int] = field(default_factory=lambda: [10, 100])  # START, END: ranks START+1..END
-    margin: float = 0.0  # drop candidates scoring >= pos_score - margin
-    max_score_ratio: float | None = 0.95  # drop candidates >= ratio * pos_score (null disables)
     corpus: str | None = None  # documents to mine from; default: every distinct positive
     corpus_field: str = "text"
-    batch_size: int = 64
-    chunk_size: int = 16_384  # documents scored at once (memory bound)
 
     def __post_init__(self) -> None:
-        if len(self.rank_window) != 2 or not 0 <= self.rank_window[0] < self.rank_window[1]:
-            raise ValueError(
-                f"rank_window must be [START, END] with 0 <= START < END, got {self.rank_window}"
-            )
+        super().__post_init__()
         if self.num_negatives < 1:
             raise ValueError("num_negatives must be >= 1")
 
@@ -287,17 +279,12 @@ def mine(run: MiningRun, train: TrainConfig) -> dict[str, Any]:
     encoder = Encoder.from_pretrained(run.model.name_or_path, **run.model.encoder_kwargs())
     encoder.to(accelerator.device).eval()
     with accelerator.autocast():
-        mined, stats = mine_hard_negatives(
+        mined, stats = settings.mine(
             ShardedEncoder(encoder),
             [{"query": r[columns.query], "pos": r[columns.pos]} for r in rows],
             corpus=corpus,
-            rank_window=(settings.rank_window[0], settings.rank_window[1]),
-            margin=settings.margin,
-            max_score_ratio=settings.max_score_ratio,
             num_negatives=settings.num_negatives,
             seed=run.seed,
-            batch_size=settings.batch_size,
-            chunk_size=settings.chunk_size,
             show_progress=accelerator.is_local_main_process,
         )
     # A query left with no negative cannot be trained with loss.num_negatives > 0: dropped, counted.

@@ -27,46 +27,34 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ember_train.data.pairs import PairExample
 from ember_train.data.reader import DataError
 from ember_train.evaluation.base import SupportsEncode
-from ember_train.evaluation.mining import fold_text, mine_hard_negatives
+from ember_train.evaluation.mining import MiningSettings, fold_text
 from ember_train.training.distributed import ShardedEncoder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MiningConfig:
+class MiningConfig(MiningSettings):
     """The contrastive recipe's ``mining:`` section: hard negatives mined with the model being trained."""
 
     before_training: bool = False  # mine with the starting model before step 0 (the data needs no `neg`)
     every_steps: int = 0  # re-mine after every N optimizer steps (0: not by steps)
     every_epochs: int = 0  # re-mine after every N epochs (0: not by epochs)
-    rank_window: list[int] = field(default_factory=lambda: [10, 100])  # START, END: ranks START+1..END
-    margin: float = 0.0  # drop candidates scoring >= pos_score - margin
-    max_score_ratio: float | None = 0.95  # drop candidates >= ratio * pos_score (null disables)
-    batch_size: int = 64  # texts embedded at once while mining
-    chunk_size: int = 16_384  # documents scored at once (memory bound)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0 (0: never), got {self.every_steps}")
         if self.every_epochs < 0:
             raise ValueError(f"every_epochs must be >= 0 (0: never), got {self.every_epochs}")
         if self.every_steps and self.every_epochs:
             raise ValueError("set every_steps or every_epochs, not both")
-        if len(self.rank_window) != 2 or not 0 <= self.rank_window[0] < self.rank_window[1]:
-            raise ValueError(
-                f"rank_window must be [START, END] with 0 <= START < END, got {self.rank_window}"
-            )
-        if self.max_score_ratio is not None and self.max_score_ratio <= 0:
-            raise ValueError(f"max_score_ratio must be > 0 or null, got {self.max_score_ratio}")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError("batch_size and chunk_size must be >= 1")
 
     @property
     def enabled(self) -> bool:
@@ -119,16 +107,11 @@ class NegativeRemining:
         start = time.perf_counter()
         s = self.settings
         with self.autocast():
-            mined, stats = mine_hard_negatives(
+            mined, stats = s.mine(
                 ShardedEncoder(self.encoder),
                 [{"query": e.query, "pos": e.positive} for e in self.examples],
-                rank_window=(s.rank_window[0], s.rank_window[1]),
-                margin=s.margin,
-                max_score_ratio=s.max_score_ratio,
                 num_negatives=self.num_negatives,
                 seed=self.seed,
-                batch_size=s.batch_size,
-                chunk_size=s.chunk_size,
                 show_progress=self.show_progress,
             )
         changed = kept = drawn = 0
