@@ -72,14 +72,7 @@ def test_gathered_loss_and_grads_equal_one_process_with_double_batch(
     loss.backward()
 
     # float64 on both sides: only summation order differs (all-reduce vs one matmul).
-    assert result["loss"] == pytest.approx(loss.item(), rel=1e-12)
-    compared = 0
-    for name, param in encoder.named_parameters():
-        if param.grad is None:
-            continue
-        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-9, atol=1e-12)
-        compared += 1
-    assert compared > 10
+    _assert_same_loss_and_gradients(result, loss, encoder)
 
     # Host reads in the gathered loss: one per gather (positives, negatives, queries for the
     # symmetric term), not one per process per gather plus a global count (5-7 before).
@@ -163,14 +156,7 @@ def test_distillation_on_two_processes_with_uneven_batches_equals_one_process(
     loss.backward()
 
     # Each process scales its sum by world / global count, so the processes' mean is the global mean.
-    assert result["loss"] == pytest.approx(loss.item(), rel=1e-12)
-    compared = 0
-    for name, param in encoder.named_parameters():
-        if param.grad is None:
-            continue
-        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-9, atol=1e-12)
-        compared += 1
-    assert compared > 10
+    _assert_same_loss_and_gradients(result, loss, encoder)
 
 
 @pytest.mark.slow
@@ -197,3 +183,15 @@ def test_two_process_training_with_distillation_through_the_grad_cache(tmp_path,
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["distill_loss"] > 0 for r in records if "loss" in r)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def _assert_same_loss_and_gradients(result: dict, loss: torch.Tensor, encoder: torch.nn.Module) -> None:
+    """The 2-process run's loss and every gradient equal the one-process reference (both float64)."""
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    compared = 0
+    for name, param in encoder.named_parameters():
+        if param.grad is None:
+            continue
+        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-9, atol=1e-12)
+        compared += 1
+    assert compared > 10
