@@ -316,8 +316,10 @@ def test_training_with_distillation_through_the_grad_cache_matches_plain(tmp_pat
         tmp_path, no_dropout_bert, "cached", data, *DISTILL, "train.grad_cache_chunk_size=5"
     )
     assert cached_losses == [pytest.approx(x, rel=1e-5) for x in plain_losses]
+    # Chunked vs whole float32 sums after 4 steps: AVX2 kernels left one of ~1M word-embedding
+    # weights 1.2e-5 apart (AVX-512: under 1e-5); losses must still agree to 1e-5 relative.
     for key in plain:
-        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=3e-5)
     # The KL term is in the loss (logged on its own), and it changes what is learnt.
     records = _metrics(tmp_path, "plain")
     assert all(r["distill_loss"] > 0 and "infonce_loss" in r for r in records)
