@@ -55,7 +55,7 @@ def bench_length(model, texts: list[str], seq_len: int, batch_size: int, steps: 
     from ember_train.data.masking import RetroMAECollator
     from ember_train.data.text_corpus import filter_and_pack, token_lengths
     from ember_train.losses.retromae import RetroMAELoss
-    from ember_train.training.loop import build_optimizer
+    from ember_train.training.optimizer import build_optimizer
 
     tokenizer = model.tokenizer
     budget = seq_len - tokenizer.num_special_tokens_to_add(pair=False)

@@ -100,7 +100,7 @@ def main() -> None:
     from ember_train.pipelines.contrastive import make_loss_step
     from ember_train.speedups.dropout import use_fast_cpu_dropout
     from ember_train.speedups.embedding_grad import EmbeddingGradBuffer
-    from ember_train.training.loop import build_optimizer
+    from ember_train.training.optimizer import build_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

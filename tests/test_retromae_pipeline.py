@@ -341,3 +341,65 @@ def test_two_process_training(small_bert, tmp_path, streaming):
     assert results["steps"] == 3
     assert (tmp_path / "run" / "pretrained" / "decoder.safetensors").is_file()
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_a_frozen_encoder_waits_while_the_head_and_decoder_learn(small_bert, tmp_path):
+    """``retromae.freeze_encoder_steps``: the backbone (word embeddings, hence the tied head's output
+    layer, included) is unchanged for those steps, the head's transform and the decoder move; then
+    the encoder warms up afresh at ``encoder_lr_scale`` x the learning rate. Resume keeps the plan."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        small_bert,
+        out,
+        retromae={"freeze_encoder_steps": 3, "encoder_lr_scale": 0.5},
+        train={"warmup_ratio": 0.25, "checkpoint_every": 3},
+        export={"enabled": False},
+    )
+    run(cfg)
+    start = load_file(str(small_bert / "model.safetensors"))
+    frozen = load_file(str(out / "checkpoints/step_0000003/model.safetensors"))
+    after = load_file(str(out / "checkpoints/step_0000006/model.safetensors"))
+    body = [k for k in frozen if k.startswith("mlm.bert.") and "pooler" not in k]
+    assert "mlm.bert.embeddings.word_embeddings.weight" in body and len(body) > 20
+    for key in body:
+        assert torch.equal(frozen[key], start[key.removeprefix("mlm.")]), key
+    assert any(not torch.equal(after[key], frozen[key]) for key in body)
+    for key in ("mlm.cls.predictions.transform.dense.weight", "decoder.layers.0.q_proj.weight"):
+        assert not torch.equal(frozen[key], after[key]) and key in frozen
+
+    # 6 steps, warm-up int(0.25 x 6) = 1 step; the logged lr is the next step's. The encoder's
+    # schedule starts at step 3 (0 there, as any warm-up's first step), falls to 0 with the rest.
+    records = train_records(out)
+    lr = 1e-3
+    assert [records[s]["lr/encoder"] for s in range(1, 7)] == pytest.approx(
+        [0.0, 0.0, 0.0, 0.5 * lr, 0.5 * lr / 2, 0.0], abs=1e-12
+    )
+    assert [records[s]["lr"] for s in range(1, 7)] == pytest.approx([lr * (6 - s) / 5 for s in range(1, 7)])
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints/step_0000003", resumed / "checkpoints/step_0000003")
+    run(make_cfg(small_bert, resumed, retromae={"freeze_encoder_steps": 3, "encoder_lr_scale": 0.5},
+                 train={"warmup_ratio": 0.25, "resume": "auto"}, export={"enabled": False}))  # fmt: skip
+    again = train_records(resumed)
+    for step in (4, 5, 6):
+        assert again[step]["lr/encoder"] == pytest.approx(records[step]["lr/encoder"], abs=1e-12)
+        assert again[step]["loss"] == pytest.approx(records[step]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("retromae.freeze_encoder_steps=-1", "freeze_encoder_steps"),
+        ("retromae.encoder_lr_scale=0", "encoder_lr_scale"),
+    ],
+)
+def test_warm_up_config_errors(tmp_path, override, message):
+    from ember_train.config import ConfigError
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("task: retromae\nmodel: {name_or_path: does-not-exist}\ndata: {train: nowhere.jsonl}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(cfg), [override])

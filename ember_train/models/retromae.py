@@ -89,6 +89,61 @@ class DecoderConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def checkpoint_weight_names(name_or_path: str) -> set[str] | None:
+    """The tensor names of a local or Hub checkpoint, read from its index or safetensors headers
+    (no weights are loaded); None when they cannot be read (no such files, Hub unreachable)."""
+    root = Path(name_or_path)
+    if root.is_dir():
+
+        def local(name: str) -> Path | None:
+            return root / name if (root / name).is_file() else None
+
+        find = local
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        def find(name: str) -> Path | None:
+            try:
+                return Path(hf_hub_download(name_or_path, name))
+            except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
+                return None
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = find(index_name)
+        if index is not None:
+            return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    weights = find("model.safetensors")
+    if weights is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return set(f.keys())
+
+
+def checkpoint_has_mlm_head(name_or_path: str, *, trust_remote_code: bool = False) -> bool | None:
+    """Whether the checkpoint holds trained MLM-head weights (None: cannot tell).
+
+    sentence-transformers bodies are saved without one, and RetroMAE then starts from a random
+    head. The head's names come from the architecture itself (built on the meta device), so this
+    works for any ``AutoModelForMaskedLM`` model, not only BERT's ``cls.predictions``.
+    """
+    names = checkpoint_weight_names(name_or_path)
+    if names is None:
+        return None
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForMaskedLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # not done on the meta device by from_config: tied copies are not saved
+    prefix = f"{model.base_model_prefix}."
+    head = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]  # tied ones listed once
+    return bool(head) and all(n in names for n in head)
+
+
 class DecoderLayer(nn.Module):
     """A post-LN BERT block whose queries come from one stream and keys/values from another.
 

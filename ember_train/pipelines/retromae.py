@@ -15,6 +15,7 @@ Setup -> evaluate before -> train -> evaluate after -> save, top to bottom. The 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -46,6 +47,7 @@ from ember_train.models.sentence_transformers import export_encoder
 from ember_train.pipelines.recipe import Pipeline, export_command_line, finish_run, model_card, start_run
 from ember_train.training.checkpoint import load_model_weights
 from ember_train.training.loop import train_loop
+from ember_train.training.optimizer import ParamGroup
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,12 @@ class RetroMAESection:
     query_stream: Literal["position", "embedding"] = "position"  # paper | FlagEmbedding's variant
     decoder_init: Literal["random", "last_layer"] = "random"  # last_layer: copy the encoder's last layer
     init_decoder_from: str | None = None  # a previous run's pretrained/ directory
+    # Warm-ups for a body whose MLM head is new (a sentence-transformers model): the encoder (the
+    # backbone, word embeddings included, so also the tied head's output layer) learns at
+    # encoder_lr_scale x train.learning_rate, and not at all for the first freeze_encoder_steps
+    # optimizer steps, while the new head and the decoder learn from its unchanged vectors.
+    freeze_encoder_steps: int = 0
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("retromae", "mlm"):
@@ -92,6 +100,10 @@ class RetroMAESection:
             raise ValueError("decoder_mask_ratio must be in [0, 1)")
         if self.decoder_layers < 1:
             raise ValueError("decoder_layers must be >= 1")
+        if self.freeze_encoder_steps < 0:
+            raise ValueError("freeze_encoder_steps must be >= 0")
+        if not (math.isfinite(self.encoder_lr_scale) and self.encoder_lr_scale > 0):
+            raise ValueError(f"encoder_lr_scale must be a number > 0, got {self.encoder_lr_scale}")
 
 
 @dataclass
@@ -152,6 +164,20 @@ def build_model(cfg: RetroMAEConfig) -> RetroMAEModel:
     if cfg.train.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
     return model
+
+
+def encoder_param_groups(model: RetroMAEModel, r: RetroMAESection) -> list[ParamGroup]:
+    """The encoder's own learning rate and frozen steps, when the config departs from the defaults."""
+    if r.freeze_encoder_steps == 0 and r.encoder_lr_scale == 1.0:
+        return []
+    return [
+        ParamGroup(
+            "encoder",
+            model.backbone.parameters(),
+            lr_scale=r.encoder_lr_scale,
+            frozen_steps=r.freeze_encoder_steps,
+        )
+    ]
 
 
 def corpus_stream(
@@ -362,6 +388,7 @@ def run(cfg: RetroMAEConfig, command: str | None = None) -> dict[str, Any]:
 
     loss_fn = RetroMAELoss(cfg.retromae.encoder_loss_weight, cfg.retromae.decoder_loss_weight)
     outcome = train_loop(
+        param_groups=encoder_param_groups(model, cfg.retromae),
         accelerator=accelerator,
         model=model,
         loss_step=make_loss_step(loss_fn),

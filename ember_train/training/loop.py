@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from ember_train.config.schema import TrainConfig
 from ember_train.data.batching import HOST_KEYS
@@ -41,6 +40,7 @@ from ember_train.training.distributed import cpu_process_group_kwargs, decide_on
 from ember_train.training.grad_cache import StepContext
 from ember_train.training.hardware import cpu_precision_warning, set_cpu_threads, tell_deepspeed_the_device
 from ember_train.training.metrics_log import MetricsLogger
+from ember_train.training.optimizer import ParamGroup, build_optimizer, build_schedule, group_learning_rates
 from ember_train.training.select import MetricSelector
 
 logger = logging.getLogger(__name__)
@@ -117,24 +117,6 @@ def _processes(n: int) -> str:
     return f"{n} process" + ("es" if n > 1 else "")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and normalisation weights (the BERT convention)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # The fused kernel (CPU and CUDA) does the whole update in one pass over the parameters.
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
-    except (RuntimeError, TypeError):  # a device or torch version without the fused kernel
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
-
-
 def steps_per_epoch(dataloader: Any, cfg: TrainConfig) -> int:
     """Optimizer steps in one pass over ``dataloader`` (its last step may take fewer micro-batches)."""
     return max(math.ceil(len(dataloader) / cfg.gradient_accumulation_steps), 1)
@@ -162,6 +144,7 @@ def train_loop(
     save_final_checkpoint: bool = True,
     select: MetricSelector | None = None,
     refresh: DataRefresh | None = None,
+    param_groups: Sequence[ParamGroup] = (),
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_step`` over ``dataloader``; return the final step and metrics.
 
@@ -175,7 +158,8 @@ def train_loop(
     With ``select`` (``eval.select``) the last step is evaluated too, and the weights of the best
     evaluation so far are kept in ``<output_dir>/best/step_N``; the returned ``best_step`` names
     them (0 when no evaluation ran). Every process takes the main process's decision.
-    ``refresh`` may change the data between steps (:class:`DataRefresh`).
+    ``refresh`` may change the data between steps (:class:`DataRefresh`). ``param_groups`` train
+    at their own learning rate, or wait some steps (:class:`ParamGroup`).
     """
     output_dir = Path(output_dir)
     accum = cfg.gradient_accumulation_steps
@@ -185,10 +169,12 @@ def train_loop(
     if zero.active(accelerator):
         zero.complete_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, model)
     speedups = apply_speedups(model, cfg, accelerator.device, zero.active(accelerator))
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, param_groups)
+    group_names = [g["group_name"] for g in optimizer.param_groups]
+    frozen_steps = [g["frozen_steps"] for g in optimizer.param_groups]
 
     def schedule(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
-        return get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
+        return build_schedule(opt, int(cfg.warmup_ratio * total_steps), total_steps, frozen_steps)
 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, schedule(optimizer))
     # DeepSpeed ZeRO-3 regroups the optimizer's parameters in prepare(): rebuild the schedule on
@@ -324,7 +310,8 @@ def train_loop(
                     f"gradients (max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at {path}"
                 )
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                extra = {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": state.epoch}
+                extra = {"lr": scheduler.get_last_lr()[0], **group_learning_rates(optimizer, group_names)}
+                extra.update(grad_norm=grad_norm, epoch=state.epoch)
                 if accelerator.scaler is not None:  # fp16: a falling scale means overflows
                     extra["loss_scale"] = accelerator.scaler.get_scale()
                 last_logged = metrics_logger.flush(state.step, extra)
