@@ -236,6 +236,22 @@ def test_resume_goes_on_with_a_warning_when_the_saved_config_cannot_be_read_any_
     assert "without comparing its config" in caplog.text and "train.mixed_precision: 'fp8'" in caplog.text
 
 
+def test_resume_of_another_recipes_checkpoint_names_the_task_only(tmp_path, caplog):
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    retromae = _write(
+        tmp_path, f"task: retromae\noutput_dir: {run}\nmodel: {{name_or_path: m}}\ndata: {{train: t}}\n"
+    )
+    _save(run, to_dict(load_config(str(retromae))))
+    with pytest.raises(
+        ConfigError, match=r"cannot change when resuming: task: 'retromae' -> 'contrastive'\. "
+    ):
+        check_resume_config(cfg(), run, checkpoint)
+    assert not caplog.records  # its keys are not taken for keys removed from this recipe
+
+
 def test_reading_an_older_config_drops_removed_keys_wherever_they_are():
     @dataclass
     class _Outer:

@@ -252,9 +252,13 @@ def changes_since_saved(saved: dict, cfg: Any, source: str = "<saved config>") -
     before comparing, never compared as written: a key added since takes its default on both
     sides and is no change; a renamed key is compared under its new name; a key this version no
     longer has cannot affect the run, so it is left out of the comparison and named in a warning.
-    Raises ConfigError when ``saved`` does not resolve (e.g. a value this version refuses): the
+    A config of another recipe (``task``) is not read as this one: the change of ``task`` is all
+    there is to say. Raises ConfigError when ``saved`` does not resolve (e.g. a value this version refuses): the
     caller decides what an uncomparable config means.
     """
+    task = getattr(cfg, "task", None)
+    if task is not None and saved.get("task", task) != task:  # another recipe: ``task`` picks the class
+        return [f"task: {saved['task']!r} -> {task!r}"]
     dropped: list[str] = []
     resolved = from_dict(type(cfg), saved, source=source, dropped=dropped)
     if dropped:
