@@ -119,23 +119,34 @@ def test_every_shipped_config_validates():
         load_config(str(path))
 
 
-def test_resume_stops_on_a_setting_that_cannot_change_and_lists_those_that_can(tmp_path, caplog):
-    import yaml
-
-    from ember_train.config import to_dict
-    from ember_train.training.checkpoint import check_resume_config
+def _resume_case(tmp_path):
+    """A contrastive run's directory with a checkpoint, and a builder of that run's configs."""
 
     def cfg(**train):
         (tmp_path / "in.yaml").write_text(
             f"task: contrastive\noutput_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: m}}\n"
             f"data: {{train: pairs.jsonl}}\ntrain: {train}\n".replace("'", "")
         )
-        return to_dict(load_config(str(tmp_path / "in.yaml")))
+        return load_config(str(tmp_path / "in.yaml"))
 
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "step_0000002"
     checkpoint.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg(learning_rate=2e-5, max_steps=4)))
+    return cfg, run, checkpoint
+
+
+def _save(run, saved: dict) -> None:
+    import yaml
+
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
+def test_resume_stops_on_a_setting_that_cannot_change_and_lists_those_that_can(tmp_path, caplog):
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    _save(run, to_dict(cfg(learning_rate=2e-5, max_steps=4)))
     check_resume_config(cfg(learning_rate=2e-5, max_steps=4, resume="none"), run, None)  # not resuming
     with caplog.at_level("INFO", logger="ember_train.training.checkpoint"):
         check_resume_config(cfg(learning_rate=2e-5, max_steps=8, log_every=1), run, checkpoint)
@@ -145,3 +156,116 @@ def test_resume_stops_on_a_setting_that_cannot_change_and_lists_those_that_can(t
     message = str(info.value)
     assert "train.learning_rate: 2e-05 -> 5e-05" in message and "train.batch_size: 32 -> 8" in message
     assert "train.max_steps" not in message and "train.resume=none" in message
+
+
+def test_resume_after_an_upgrade_that_added_keys_sees_no_change(tmp_path, caplog):
+    """A config.yaml written before keys were added (their defaults now apply) is no change."""
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    older = to_dict(cfg(max_steps=4))
+    del older["train"]["max_grad_norm"], older["loss"]["temperature"], older["seed"]  # fixed keys
+    _save(run, older)
+    with caplog.at_level("INFO", logger="ember_train.training.checkpoint"):
+        check_resume_config(cfg(max_steps=4), run, checkpoint)
+    assert not caplog.records  # nothing listed as changed
+
+    with pytest.raises(ConfigError) as info:  # a real change is still refused, and only it is named
+        check_resume_config(cfg(max_steps=4, batch_size=8), run, checkpoint)
+    message = str(info.value)
+    assert "train.batch_size: 32 -> 8" in message
+    assert "max_grad_norm" not in message and "temperature" not in message and "seed" not in message
+
+
+def test_resume_after_an_upgrade_that_removed_keys_compares_the_rest(tmp_path, caplog):
+    """A key this version no longer has cannot affect the run: it is left out and named in a
+    warning, and every other key is still compared."""
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    older = to_dict(cfg(max_steps=4))
+    older["train"]["retired_knob"] = 3
+    older["loss"]["old_setting"] = "x"
+    _save(run, older)
+    with caplog.at_level("INFO"):
+        check_resume_config(cfg(max_steps=4), run, checkpoint)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "loss.old_setting, train.retired_knob" in warnings[0]
+    assert "changed settings" not in caplog.text
+
+    with pytest.raises(ConfigError, match=r"cannot change when resuming: train\.batch_size: 32 -> 8\. "):
+        check_resume_config(cfg(max_steps=4, batch_size=8), run, checkpoint)
+
+
+def test_resume_compares_a_renamed_key_under_its_new_name(tmp_path):
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    def cfg(join_texts):
+        path = _write(
+            tmp_path,
+            f"task: retromae\noutput_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: m}}\n"
+            f"data: {{train: t.txt, join_texts: {str(join_texts).lower()}}}\n",
+        )
+        return load_config(str(path))
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_0000002"
+    checkpoint.mkdir(parents=True)
+    older = to_dict(cfg(join_texts=True))
+    older["data"]["pack"] = older["data"].pop("join_texts")  # its name before the rename
+    _save(run, older)
+    check_resume_config(cfg(join_texts=True), run, checkpoint)
+    with pytest.raises(ConfigError, match=r"data\.join_texts: True -> False"):
+        check_resume_config(cfg(join_texts=False), run, checkpoint)
+
+
+def test_resume_goes_on_with_a_warning_when_the_saved_config_cannot_be_read_any_more(tmp_path, caplog):
+    """A value this version refuses cannot be restored, so refusing would only force a fresh start."""
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    older = to_dict(cfg(max_steps=4))
+    older["train"]["mixed_precision"] = "fp8"  # accepted by no version of TrainConfig here
+    _save(run, older)
+    with caplog.at_level("WARNING", logger="ember_train.training.checkpoint"):
+        check_resume_config(cfg(max_steps=4), run, checkpoint)
+    assert "without comparing its config" in caplog.text and "train.mixed_precision: 'fp8'" in caplog.text
+
+
+def test_resume_of_another_recipes_checkpoint_names_the_task_only(tmp_path, caplog):
+    from ember_train.config import to_dict
+    from ember_train.training.checkpoint import check_resume_config
+
+    cfg, run, checkpoint = _resume_case(tmp_path)
+    retromae = _write(
+        tmp_path, f"task: retromae\noutput_dir: {run}\nmodel: {{name_or_path: m}}\ndata: {{train: t}}\n"
+    )
+    _save(run, to_dict(load_config(str(retromae))))
+    with pytest.raises(
+        ConfigError, match=r"cannot change when resuming: task: 'retromae' -> 'contrastive'\. "
+    ):
+        check_resume_config(cfg(), run, checkpoint)
+    assert not caplog.records  # its keys are not taken for keys removed from this recipe
+
+
+def test_reading_an_older_config_drops_removed_keys_wherever_they_are():
+    @dataclass
+    class _Outer:
+        top: _Top
+        items: str | list[_Section] = "none"
+
+    data = {
+        "top": {"section": {"name": "a", "gone": 1}, "old_flag": True},
+        "items": [{"name": "b"}, {"name": "c", "size": 2, "also_gone": 0}],
+        "removed_section": {"x": 1},
+    }
+    with pytest.raises(ConfigError, match="unknown key 'removed_section'"):
+        from_dict(_Outer, data)
+    dropped: list[str] = []
+    outer = from_dict(_Outer, data, dropped=dropped)
+    assert outer.top.section.name == "a" and [i.size for i in outer.items] == [1, 2]
+    assert sorted(dropped) == ["items[1].also_gone", "removed_section", "top.old_flag", "top.section.gone"]

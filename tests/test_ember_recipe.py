@@ -114,6 +114,24 @@ def test_a_rerun_skips_done_stages_and_names_changed_keys(full_run, capsys, capl
     assert len(warnings) == 1 and "contrastive.loss.temperature: 0.02 -> 0.5" in warnings[0]
 
 
+def test_a_done_stage_saved_before_an_upgrade_is_compared_as_resolved(tiny_bert_path, tiny_data, tmp_path):
+    """A stage's config.yaml missing keys added since, or holding keys removed since, is no change."""
+    from ember_train.config import to_dict
+    from ember_train.pipelines.ember import build_stages, changes_since
+
+    config = write_config(tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run")
+    stages = build_stages(load_config(str(config)))
+    for stage in stages:
+        older = to_dict(stage.cfg)
+        del older["model"]["attention_dropout"]  # added since, default kept
+        older["model"]["retired_knob"] = 1  # removed since
+        stage.dir.mkdir(parents=True)
+        (stage.dir / "config.yaml").write_text(yaml.safe_dump(older))
+        assert changes_since(stage) == []
+    changed = build_stages(load_config(str(config), ["contrastive.loss.temperature=0.5"]))[2]
+    assert changes_since(changed) == ["contrastive.loss.temperature: 0.02 -> 0.5"]
+
+
 def test_an_interrupted_contrastive_stage_resumes_exactly(tiny_bert_path, tiny_data, tmp_path, capsys):
     config = write_config(
         tmp_path / "ember.yaml", tiny_bert_path, tiny_data, tmp_path / "run", retromae={"enabled": False}

@@ -46,8 +46,9 @@ def _same_shape(value: Any, tp: Any) -> bool:
     return False
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``, converting where YAML is ambiguous."""
+def _coerce(value: Any, tp: Any, key: str, source: str, dropped: list[str] | None = None) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting where YAML is ambiguous
+    (``dropped``: as in :func:`from_dict`)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
@@ -59,15 +60,20 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         shaped = [arg for arg in args if _same_shape(value, arg)]
         if len(shaped) == 1 and isinstance(value, list | tuple | dict):
             # e.g. ``str | list[Section]`` given a list: its item's error names the bad key.
-            return _coerce(value, shaped[0], key, source)
+            return _coerce(value, shaped[0], key, source, dropped)
         errors = []
         for arg in args:
             if arg is type(None):
                 continue
+            tried: list[str] | None = None if dropped is None else []  # kept only from the match
             try:
-                return _coerce(value, arg, key, source)
+                coerced = _coerce(value, arg, key, source, tried)
             except ConfigError as e:
                 errors.append(str(e))
+                continue
+            if dropped is not None and tried:
+                dropped += tried
+            return coerced
         raise ConfigError(
             errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} matches none of {tp}"
         )
@@ -78,19 +84,19 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a mapping (section), got {type(value).__name__}")
-        return from_dict(tp, value, source=source, prefix=f"{key}.")
+        return from_dict(tp, value, source=source, prefix=f"{key}.", dropped=dropped)
     if origin in (list, tuple):
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             value = [value]  # a single item is a one-item list (handy for overrides)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__}")
         item_tp = args[0] if args else Any
-        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", source, dropped) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
         value_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, value_tp, f"{key}.{k}", source) for k, v in value.items()}
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}", source, dropped) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -118,11 +124,32 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported config type {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; every key is checked, nested sections included."""
+def from_dict(
+    cls: type[T],
+    data: dict[str, Any],
+    *,
+    source: str = "<config>",
+    prefix: str = "",
+    dropped: list[str] | None = None,
+) -> T:
+    """Build dataclass ``cls`` from a mapping; every key is checked, nested sections included.
+
+    ``dropped`` is for reading a config written by an earlier version (a run's ``config.yaml``):
+    given a list, a renamed key is read under its new name and a key this version no longer has
+    is left out and appended to the list (dotted), instead of either being an error.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    if dropped is not None and unknown:
+        data = dict(data)
+        for key in unknown:
+            value, new = data.pop(key), RENAMED_KEYS.get((cls.__name__, key))
+            if new is not None and new not in data:
+                data[new] = value
+            else:
+                dropped.append(f"{prefix}{key}")
+        unknown = []
     for key in unknown:
         if (cls.__name__, key) in RENAMED_KEYS:
             new = RENAMED_KEYS[cls.__name__, key]
@@ -136,7 +163,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", p
     for name, field in fields.items():
         key = f"{prefix}{name}"
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key, source)
+            kwargs[name] = _coerce(data[name], hints[name], key, source, dropped)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key {key!r}")
     try:
@@ -216,3 +243,26 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def changes_since_saved(saved: dict, cfg: Any, source: str = "<saved config>") -> list[str]:
+    """Keys of ``cfg`` that differ from ``saved`` (a run's ``config.yaml``), as ``key: old -> new``.
+
+    ``saved`` may have been written by an earlier version, so it is resolved through ``type(cfg)``
+    before comparing, never compared as written: a key added since takes its default on both
+    sides and is no change; a renamed key is compared under its new name; a key this version no
+    longer has cannot affect the run, so it is left out of the comparison and named in a warning.
+    A config of another recipe (``task``) is not read as this one: the change of ``task`` is all
+    there is to say. Raises ConfigError when ``saved`` does not resolve (e.g. a value this version refuses): the
+    caller decides what an uncomparable config means.
+    """
+    task = getattr(cfg, "task", None)
+    if task is not None and saved.get("task", task) != task:  # another recipe: ``task`` picks the class
+        return [f"task: {saved['task']!r} -> {task!r}"]
+    dropped: list[str] = []
+    resolved = from_dict(type(cfg), saved, source=source, dropped=dropped)
+    if dropped:
+        logger.warning(
+            "%s: not compared, as this version has no such settings: %s", source, ", ".join(dropped)
+        )
+    return changed_keys(to_dict(resolved), to_dict(cfg))

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate.state import PartialState
 
 from ember_train.config import (
@@ -42,8 +41,9 @@ from ember_train.config import (
     ExportConfig,
     ModelConfig,
     TrainConfig,
-    changed_keys,
+    changes_since_saved,
     from_dict,
+    read_yaml,
     save_config,
     to_dict,
 )
@@ -348,15 +348,13 @@ def _say(text: str) -> None:
 
 
 def changes_since(stage: Stage) -> list[str]:
-    """Keys of the stage's config that differ from those it ran with (``train.resume`` aside)."""
+    """Keys of the stage's config that differ from those it ran with (``train.resume`` aside); the
+    saved config is resolved as a resume resolves it (:func:`~ember_train.config.changes_since_saved`)."""
     path = stage.dir / "config.yaml"
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return [f"{path} (unreadable)"]
-    changes = (
-        changed_keys(saved, to_dict(stage.cfg)) if isinstance(saved, dict) else [f"{path} (not a mapping)"]
-    )
+        changes = changes_since_saved(read_yaml(path), stage.cfg, source=str(path))
+    except (OSError, ConfigError) as e:  # the error names the file
+        return [f"not comparable: {e}"]
     return [f"{stage.key}.{c}" for c in changes if not c.startswith("train.resume:")]
 
 

@@ -57,7 +57,7 @@ def start_run(cfg: Any, check: Callable[[Accelerator], None] | None = None) -> t
     training) and saves the config as run to ``<output_dir>/config.yaml``.
     """
     output_dir = Path(cfg.output_dir)
-    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=to_dict(cfg))
+    accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=cfg)
     if check is not None:
         check(accelerator)
     if accelerator.is_main_process:

@@ -20,6 +20,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,21 +132,34 @@ RESUMABLE_CHANGES = (
 )
 
 
-def check_resume_config(run_config: dict, output_dir: str | Path, checkpoint: Path | None) -> None:
+def check_resume_config(run_config: Any, output_dir: str | Path, checkpoint: Path | None) -> None:
     """Stop a resume whose config changed a setting that cannot take effect mid-run, naming it.
 
     The reference is the ``config.yaml`` of the run that wrote ``checkpoint``. A restored optimizer
     keeps its learning rate, a restored sampler its batch size and order: continuing with such a
-    change listed but ignored is what this prevents.
+    change listed but ignored is what this prevents. ``run_config`` is the recipe's config (its
+    dataclass), and the saved file is read through that same class
+    (:func:`~ember_train.config.parse.changes_since_saved`), so an upgrade of ember-train between
+    the run and its resume changes nothing by itself: keys added since are not changes, renamed
+    ones are compared under their new names, removed ones are left out with a warning. A saved
+    config this version cannot read at all (a value it now refuses) cannot be compared: the resume
+    goes on with a warning that says why, since the user could not restore that value anyway.
     """
     if checkpoint is None:
         return
-    from ember_train.config.parse import ConfigError, changed_keys, read_yaml
+    from ember_train.config.parse import ConfigError, changes_since_saved, read_yaml
 
     saved = checkpoint.parent.parent / "config.yaml"
     if not saved.is_file():
         return  # a checkpoint from elsewhere: nothing to compare against
-    changes = changed_keys(read_yaml(saved), run_config)
+    saved_config = read_yaml(saved)  # not YAML, or not a mapping: stops the resume, naming the file
+    try:
+        changes = changes_since_saved(saved_config, run_config, source=str(saved))
+    except ConfigError as e:
+        logger.warning(
+            "resuming %s without comparing its config: this version cannot read %s (%s)", checkpoint, saved, e
+        )
+        return
     fixed = [c for c in changes if not c.split(":")[0].startswith(RESUMABLE_CHANGES)]
     if fixed:
         shown = "; ".join(fixed[:8]) + (f"; and {len(fixed) - 8} more" if len(fixed) > 8 else "")

@@ -22,6 +22,7 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from ember_train.config.parse import to_dict
 from ember_train.config.schema import TrainConfig
 from ember_train.data.batching import HOST_KEYS
 from ember_train.speedups import apply_speedups
@@ -74,10 +75,13 @@ def build_accelerator(
     cfg: TrainConfig,
     output_dir: str | Path,
     seed: int | None,
-    run_config: dict | None = None,
+    run_config: Any | None = None,
     trackers: bool = True,
 ) -> Accelerator:
     """One Accelerator per run: precision and trackers from the config, topology from ``accelerate launch``.
+
+    ``run_config`` is the whole run's config (the recipe's dataclass): the trackers record it, and
+    a resume is checked against the one its checkpoint was written with.
 
     A later training phase of the same run (SetFit's end-to-end tuning) passes ``seed=None`` (the
     RNG stream goes on) and ``trackers=False`` (the run's trackers are already open).
@@ -104,7 +108,8 @@ def build_accelerator(
         zero.keep_transformers_out()
     if log_with:
         init_kwargs = {"wandb": {"name": cfg.wandb_run_name, "dir": str(output_dir)}}
-        accelerator.init_trackers(cfg.wandb_project, config=run_config or {}, init_kwargs=init_kwargs)
+        tracked = to_dict(run_config) if run_config is not None else {}
+        accelerator.init_trackers(cfg.wandb_project, config=tracked, init_kwargs=init_kwargs)
     if run_config is not None:  # before anything is loaded, on every process
         check_resume_config(run_config, output_dir, resolve_resume(cfg.resume, output_dir))
     # One seed on every process: identical initialisation of any new weights (heads, decoders).
