@@ -166,10 +166,13 @@ def test_mlm_objective_trains_the_encoder_alone_and_exports(small_bert, tmp_path
     [
         ("retromae.objective=contrastive", "retromae.objective"),
         ("retromae.init_decoder_from=runs/x/pretrained", "init_decoder_from needs objective: retromae"),
+        ("retromae.freeze_encoder_steps=-1", "freeze_encoder_steps must be >= 0"),
+        ("retromae.encoder_lr_scale=0", "encoder_lr_scale must be a number > 0"),
     ],
 )
-def test_mlm_objective_config_errors(tmp_path, override, message):
-    """A bad objective (or a decoder to load into an MLM-only run) stops at the config, before any model."""
+def test_retromae_section_config_errors(tmp_path, override, message):
+    """A bad objective, a decoder to load into an MLM-only run, or a bad warm-up stops at the config,
+    before any model."""
     from ember_train.config import ConfigError
 
     cfg = tmp_path / "mlm.yaml"
@@ -387,19 +390,3 @@ def test_a_frozen_encoder_waits_while_the_head_and_decoder_learn(small_bert, tmp
     for step in (4, 5, 6):
         assert again[step]["lr/encoder"] == pytest.approx(records[step]["lr/encoder"], abs=1e-12)
         assert again[step]["loss"] == pytest.approx(records[step]["loss"], abs=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("retromae.freeze_encoder_steps=-1", "freeze_encoder_steps"),
-        ("retromae.encoder_lr_scale=0", "encoder_lr_scale"),
-    ],
-)
-def test_warm_up_config_errors(tmp_path, override, message):
-    from ember_train.config import ConfigError
-
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text("task: retromae\nmodel: {name_or_path: does-not-exist}\ndata: {train: nowhere.jsonl}\n")
-    with pytest.raises(ConfigError, match=message):
-        load_config(str(cfg), [override])
