@@ -327,8 +327,12 @@ def test_paper_config_matches_the_paper_setting():
 @pytest.mark.slow
 @pytest.mark.parametrize("streaming", [False, True])
 def test_two_process_training(small_bert, tmp_path, streaming):
-    """``accelerate launch`` with 2 gloo processes: DDP over encoder, head and decoder; both data paths."""
+    """``accelerate launch`` with 2 gloo processes: DDP over encoder, head and decoder; both data
+    paths. In memory, the encoder is held still for every step (``freeze_encoder_steps``) while
+    the head and decoder learn: the groups survive DDP's wrapping."""
     import subprocess
+
+    from safetensors.torch import load_file
 
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(
@@ -336,6 +340,7 @@ def test_two_process_training(small_bert, tmp_path, streaming):
         f"model: {{name_or_path: {small_bert}, max_seq_length: 48}}\n"
         f"data: {{train: {CORPUS}, max_texts: 64, streaming: {str(streaming).lower()}}}\n"
         "train: {batch_size: 4, max_steps: 3, gradient_accumulation_steps: 2, log_every: 1}\n"
+        + ("" if streaming else "retromae: {freeze_encoder_steps: 3}\n")
     )
     cmd, env = two_process_launch(REPO / "train.py", "--config", cfg)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -344,6 +349,13 @@ def test_two_process_training(small_bert, tmp_path, streaming):
     assert results["steps"] == 3
     assert (tmp_path / "run" / "pretrained" / "decoder.safetensors").is_file()
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    if not streaming:
+        start = load_file(str(small_bert / "model.safetensors"))
+        final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+        assert final and all(torch.equal(final[k], start[f"bert.{k}"]) for k in final if "pooler" not in k)
+        head = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
+        key = "cls.predictions.transform.dense.weight"
+        assert not torch.equal(head[key], start[key])
 
 
 def test_a_frozen_encoder_waits_while_the_head_and_decoder_learn(small_bert, tmp_path):

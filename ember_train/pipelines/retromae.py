@@ -173,7 +173,7 @@ def encoder_param_groups(model: RetroMAEModel, r: RetroMAESection) -> list[Param
     return [
         ParamGroup(
             "encoder",
-            model.backbone.parameters(),
+            list(model.backbone.parameters()),
             lr_scale=r.encoder_lr_scale,
             frozen_steps=r.freeze_encoder_steps,
         )
