@@ -10,13 +10,13 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from distill_groups import NUM_NEGATIVES, SIZES, group  # this script's folder is on sys.path
+from backward_step import backward_step  # this script's folder is on sys.path
+from distill_groups import NUM_NEGATIVES, SIZES, group
 
 from ember_train.losses.distill import DistillationLoss
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.models import Encoder
 from ember_train.training.distributed import cpu_process_group_kwargs
-from ember_train.training.grad_cache import StepContext, grad_cache_step
 
 model_path, out_path, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
 accelerator = Accelerator(**cpu_process_group_kwargs())
@@ -43,17 +43,7 @@ def loss_from(q, d):
     return infonce(q, d[:b], n) + 0.5 * distill(q, d[:b], n, teacher)
 
 
-if chunk:
-    ctx = StepContext(
-        backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(model),
-        sync=True,
-        may_backward=lambda t: True,
-    )
-    loss = grad_cache_step(model, [q_features, d_features], lambda emb: loss_from(*emb), ctx, chunk)
-else:
-    loss = loss_from(model(q_features), model(d_features))
-    accelerator.backward(loss)
+loss = backward_step(accelerator, model, [q_features, d_features], loss_from, chunk)
 
 losses = accelerator.gather(loss.detach().reshape(1))
 grads = {n: p.grad.detach().clone() for n, p in encoder.named_parameters() if p.grad is not None}

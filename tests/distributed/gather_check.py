@@ -14,13 +14,13 @@ import sys
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from backward_step import backward_step  # this script's folder is on sys.path
 
 from ember_train.data.sampler import ShardedBatchSampler
 from ember_train.losses.infonce import InfoNCELoss
 from ember_train.losses.matryoshka import with_matryoshka
 from ember_train.models import Encoder
 from ember_train.training.distributed import cpu_process_group_kwargs
-from ember_train.training.grad_cache import StepContext, grad_cache_step
 from ember_train.training.host_reads import HostReadCounter
 
 model_path, out_path, num_negatives, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -53,19 +53,8 @@ def loss_from(q, d):
     return loss_fn(q, d[:per_rank], n)
 
 
-if chunk:
-    ctx = StepContext(
-        backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(model),
-        sync=True,
-        may_backward=lambda t: True,
-    )
-    loss = grad_cache_step(model, [q_features, d_features], lambda emb: loss_from(*emb), ctx, chunk)
-else:
-    q_emb, d_emb = model(q_features), model(d_features)
-    with HostReadCounter() as reads:  # the gathered loss: one read per gather (its peers' sizes)
-        loss = loss_from(q_emb, d_emb)
-    accelerator.backward(loss)
+reads = HostReadCounter()  # the plain path's gathered loss: one read per gather (its peers' sizes)
+loss = backward_step(accelerator, model, [q_features, d_features], loss_from, chunk, around_loss=reads)
 
 losses = accelerator.gather(loss.detach().reshape(1))
 grads = {
