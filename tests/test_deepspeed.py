@@ -232,3 +232,28 @@ def test_setfit_end_to_end_head_is_refused_under_deepspeed(tmp_path, tiny_bert_p
     assert done.returncode != 0
     assert "head.end_to_end is not supported under DeepSpeed" in done.stdout + done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_zero_keeps_a_frozen_encoder_group_still(tmp_path, tiny_bert_path, zero_stage):
+    """RetroMAE's ``freeze_encoder_steps``: DeepSpeed flattens each optimizer group, and the
+    schedule's per-group learning rates must still reach the right parameters (the encoder
+    unchanged, the new head moved), with the encoder's ``lr/encoder`` logged as 0."""
+    import torch
+
+    config = tmp_path / "retromae.yaml"
+    config.write_text(
+        f"task: retromae\noutput_dir: {tmp_path / 'run'}\n"
+        f"model: {{name_or_path: {tiny_bert_path}, max_seq_length: 24}}\n"
+        f"data: {{train: {REPO}/data/quickstart/train.jsonl, text_field: pos, max_texts: 32, min_tokens: 2}}\n"
+        "retromae: {freeze_encoder_steps: 3}\n"
+        "train: {batch_size: 4, max_steps: 3, learning_rate: 1.0e-3, log_every: 1}\n"
+    )
+    _train(config, zero_stage)
+    start = _weights(tiny_bert_path)
+    final = _weights(tmp_path / "run" / "final")
+    assert final and all(torch.equal(final[k], start[f"bert.{k}"]) for k in final if "pooler" not in k)
+    head = _weights(tmp_path / "run" / "pretrained")
+    key = "cls.predictions.transform.dense.weight"
+    assert not torch.equal(head[key], start[key])
+    assert [r["lr/encoder"] for r in _records(tmp_path / "run")] == [0.0, 0.0, 0.0]
