@@ -236,3 +236,31 @@ def test_resume_that_cannot_restore_the_rng_is_an_error(tmp_path, setup, monkeyp
     monkeypatch.setattr(np.random, "set_state", broken_set_state)
     with pytest.raises(CheckpointError, match="could not restore the RNG states"):
         load_checkpoint(accelerator, path, TrainState())
+
+
+def test_resume_none_sets_the_previous_run_aside_so_auto_never_continues_it(tmp_path, tiny_bert_path):
+    """A run with ``train.resume: none`` in a directory that holds a longer run: that run's
+    checkpoints, best weights and metrics go to ``previous/``; a later ``resume: auto`` continues
+    the new run (step 2), not the old one's newer step 4."""
+    from conftest import run_tiny_contrastive
+
+    run_tiny_contrastive(tmp_path, tiny_bert_path, "run", "train.max_steps=4", "train.checkpoint_every=2")
+    run_dir = tmp_path / "run"
+    (run_dir / "best").mkdir()
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000002", "step_0000004"]
+
+    losses, _ = run_tiny_contrastive(
+        tmp_path, tiny_bert_path, "run", "train.max_steps=2", "train.checkpoint_every=2", "train.resume=none"
+    )
+    assert len(losses) == 2  # the log holds this run's steps alone
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000002"]
+    previous = run_dir / "previous"
+    assert [p.name for p in ckpt.list_checkpoints(previous)] == ["step_0000002", "step_0000004"]
+    assert (previous / "best").is_dir() and not (run_dir / "best").exists()
+    assert len((previous / "metrics.jsonl").read_text().splitlines()) >= 4
+    assert ckpt.resolve_resume("auto", run_dir) == run_dir / "checkpoints" / "step_0000002"
+
+    # A second fresh start replaces the older set-aside run; nothing to set aside is a no-op.
+    run_tiny_contrastive(tmp_path, tiny_bert_path, "run", "train.max_steps=1", "train.resume=none")
+    assert [p.name for p in ckpt.list_checkpoints(previous)] == ["step_0000002"]
+    assert ckpt.set_aside_previous_run(tmp_path / "empty") is None

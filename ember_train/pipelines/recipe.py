@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from ember_train.config import save_config, to_dict
 from ember_train.export.hub import check_hub_access, push_export
 from ember_train.export.model_card import render_model_card
+from ember_train.training.checkpoint import set_aside_previous_run
 from ember_train.training.loop import build_accelerator
 
 
@@ -54,7 +55,9 @@ def start_run(cfg: Any, check: Callable[[Accelerator], None] | None = None) -> t
     """The run's accelerator and output directory; ``check`` may refuse the run before anything is written.
 
     The main process checks Hub access first (a run that cannot upload fails now, not after
-    training) and saves the config as run to ``<output_dir>/config.yaml``.
+    training), sets a previous run's state aside under ``train.resume: none``
+    (:func:`~ember_train.training.checkpoint.set_aside_previous_run`) and saves the config as run to
+    ``<output_dir>/config.yaml``.
     """
     output_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg.train, output_dir, cfg.seed, run_config=cfg)
@@ -63,7 +66,10 @@ def start_run(cfg: Any, check: Callable[[Accelerator], None] | None = None) -> t
     if accelerator.is_main_process:
         if cfg.export.hub_repo_id:
             check_hub_access(cfg.export.hub_repo_id)
+        if cfg.train.resume == "none":
+            set_aside_previous_run(output_dir)
         save_config(cfg, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()  # no process writes into output_dir before it is set up
     return accelerator, output_dir
 
 

@@ -106,6 +106,36 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+# What a run leaves in its output_dir that a new run there must not mistake for its own: checkpoints
+# (train.resume: auto would continue the old run), kept best weights, and the metrics log.
+PREVIOUS_RUN_DIR = "previous"
+RUN_STATE = ("checkpoints", "best", "metrics.jsonl")
+
+
+def set_aside_previous_run(output_dir: str | Path) -> Path | None:
+    """``train.resume: none`` in a directory that holds a run: move that run's state to
+    ``<output_dir>/previous`` (replacing an older one), so this run starts clean and a later
+    ``resume: auto`` continues this run, not that one. Returns the folder, or None if nothing moved.
+
+    Moved, not deleted: one generation is kept for a user who did not mean to start over. Exports,
+    ``results.json`` and ``config.yaml`` are rewritten by the new run.
+    """
+    root = Path(output_dir)
+    found = [name for name in RUN_STATE if (root / name).exists()]
+    if not found:
+        return None
+    previous = root / PREVIOUS_RUN_DIR
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir(parents=True)
+    for name in found:
+        os.replace(root / name, previous / name)
+    logger.warning(
+        "train.resume: none: %s held a previous run; its %s moved to %s (delete it if not needed)",
+        root, ", ".join(found), previous,
+    )  # fmt: skip
+    return previous
+
+
 # Settings that may change between a run and its resume, and take effect: how long to train, how
 # often to log, evaluate and checkpoint, evaluation and export, and speed switches that compute the
 # same sums. Any other change would be ignored by the restored optimizer, schedule or data order, or
