@@ -263,8 +263,8 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
 
 # Measured: 3 seeds of configs/ember_domain_quick.yaml, docs/domain-adaptation.md.
 NO_MLM_HEAD = (
-    "has no trained MLM head, and RetroMAE from a new head cost all-MiniLM-L6-v2 0.94 nDCG@10 on Debian "
-    "(docs/domain-adaptation.md); retromae.enabled: true runs it anyway"
+    "has no trained MLM head, and RetroMAE from a new head did not help all-MiniLM-L6-v2 on Debian "
+    "(-0.94 nDCG@10, -0.05 with warm-ups; docs/domain-adaptation.md); retromae.enabled: true runs it anyway"
 )
 
 
