@@ -5,8 +5,9 @@
 
 RetroMAE's claim (arXiv 2205.12035): at the same pretraining budget, RetroMAE gives a better
 retriever after fine-tuning than MLM pretraining. Per seed, one randomly initialised small BERT
-(MiniLM's tokenizer, or with ``--tokenizer-vocab N`` a WordPiece vocabulary of N tokens trained on
-the pretraining texts) goes through three arms:
+(a WordPiece vocabulary of ``--tokenizer-vocab`` tokens, 8,192 by default, trained with MiniLM's
+normaliser on the pretraining texts; ``0``: MiniLM's own 30,522, whose output projection makes a
+CPU run stop at unigram statistics) goes through three arms:
 
 * ``none``: no pretraining;
 * ``mlm``: ``task: retromae`` with ``retromae.objective: mlm`` (the same encoder masking and MLM
@@ -15,16 +16,17 @@ the pretraining texts) goes through three arms:
 
 the two pretrained arms on the same Debian long descriptions, in the same order, with the same
 encoder masks (same seed): the same steps x batch x sequence length. Then every arm gets the
-same contrastive tuning (``task: contrastive``, Debian short -> long pairs; CLS pooling as
-RetroMAE trains it, and with ``--poolings cls mean`` also mean pooling) and nDCG@10 on held-out
-Debian dev pairs. Results are written after every
-run to ``<work>/results.json``; a rerun skips the runs already there (``--fresh`` to redo them).
+same contrastive tuning (``task: contrastive``, Debian short -> long pairs), once per pooling in
+``--poolings`` (CLS, as RetroMAE trains it, and mean), and nDCG@10 on held-out Debian dev pairs.
+Results are written after every run to ``<work>/results.json``; a rerun skips the runs already
+there (``--fresh`` to redo them).
 
 ``--diagnose`` adds, for every arm's model before contrastive tuning: its nDCG@10 (each pooling)
 and the mean cosine between the [CLS] vectors of different dev texts (1: collapsed); the unigram
-entropy of the pretraining tokens (the MLM loss that statistics alone reach); and for RetroMAE how much the decoder relies on ``h``: its held-out reconstruction
-loss/accuracy with each text's own ``h``, with ``h`` of another text in the batch and with a zero
-``h``, and how alike the ``h`` of different texts are.
+entropy of the pretraining tokens (the MLM loss that token counts alone reach); and for RetroMAE
+how much the decoder relies on ``h``: its held-out reconstruction loss/accuracy with each text's
+own ``h``, with ``h`` of another text in the batch and with a zero ``h``, and how alike the ``h``
+of different texts are.
 ``--collect DIR ...`` merges the runs of other work folders (e.g. one process per seed, run side by
 side) into this one's ``results.json`` before the table and the diagnostics.
 """
@@ -375,28 +377,28 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer-vocab",
         type=int,
-        default=0,
+        default=8192,
         help="train a WordPiece vocabulary of this size on the pretraining texts (0: MiniLM's 30,522)",
     )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pretrain-texts", type=int, default=40000)
-    parser.add_argument("--pretrain-steps", type=int, default=160)
-    parser.add_argument("--pretrain-batch", type=int, default=16)
+    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-batch", type=int, default=32)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--encoder-mask-ratio", type=float, default=0.3)
     parser.add_argument("--decoder-mask-ratio", type=float, default=0.5)
     parser.add_argument("--train-pairs", type=int, default=4000)
     parser.add_argument("--dev-pairs", type=int, default=500)
-    parser.add_argument("--contrastive-steps", type=int, default=80)
+    parser.add_argument("--contrastive-steps", type=int, default=600)
     parser.add_argument("--contrastive-batch", type=int, default=32)
     parser.add_argument("--contrastive-lr", type=float, default=1e-3)
     parser.add_argument("--contrastive-temperature", type=float, default=0.05)
     parser.add_argument(
         "--poolings",
         nargs="+",
-        default=["cls"],
+        default=["cls", "mean"],
         choices=["cls", "mean"],
         help="one contrastive run per pooling and arm (cls is what RetroMAE trains)",
     )
