@@ -5,7 +5,9 @@
 
 RetroMAE's claim (arXiv 2205.12035): at the same pretraining budget, RetroMAE gives a better
 retriever after fine-tuning than MLM pretraining. Per seed, one randomly initialised small BERT
-(MiniLM's tokenizer) goes through three arms:
+(a WordPiece vocabulary of ``--tokenizer-vocab`` tokens, 8,192 by default, trained with MiniLM's
+normaliser on the pretraining texts; ``0``: MiniLM's own 30,522, whose output projection makes a
+CPU run stop at unigram statistics) goes through three arms:
 
 * ``none``: no pretraining;
 * ``mlm``: ``task: retromae`` with ``retromae.objective: mlm`` (the same encoder masking and MLM
@@ -14,14 +16,17 @@ retriever after fine-tuning than MLM pretraining. Per seed, one randomly initial
 
 the two pretrained arms on the same Debian long descriptions, in the same order, with the same
 encoder masks (same seed): the same steps x batch x sequence length. Then every arm gets the
-same contrastive tuning (``task: contrastive``, Debian short -> long pairs, CLS pooling as
-RetroMAE trains it) and nDCG@10 on held-out Debian dev pairs. Results are written after every
-run to ``<work>/results.json``; a rerun skips the runs already there (``--fresh`` to redo them).
+same contrastive tuning (``task: contrastive``, Debian short -> long pairs), once per pooling in
+``--poolings`` (CLS, as RetroMAE trains it, and mean), and nDCG@10 on held-out Debian dev pairs.
+Results are written after every run to ``<work>/results.json``; a rerun skips the runs already
+there (``--fresh`` to redo them).
 
-``--diagnose`` adds, for every pretrained model: its nDCG@10 before any contrastive tuning (CLS
-pooling), and for RetroMAE how much the decoder relies on ``h``: its held-out reconstruction
-loss/accuracy with each text's own ``h``, with ``h`` of another text in the batch and with a zero
-``h``, and how alike the ``h`` of different texts are.
+``--diagnose`` adds, for every arm's model before contrastive tuning: its nDCG@10 (each pooling)
+and the mean cosine between the [CLS] vectors of different dev texts (1: collapsed); the unigram
+entropy of the pretraining tokens (the MLM loss that token counts alone reach); and for RetroMAE
+how much the decoder relies on ``h``: its held-out reconstruction loss/accuracy with each text's
+own ``h``, with ``h`` of another text in the batch and with a zero ``h``, and how alike the ``h``
+of different texts are.
 ``--collect DIR ...`` merges the runs of other work folders (e.g. one process per seed, run side by
 side) into this one's ``results.json`` before the table and the diagnostics.
 """
@@ -48,17 +53,37 @@ from benchmarks.common import (
 ARMS = ("none", "mlm", "retromae")
 
 
-def make_random_bert(path: Path, args: argparse.Namespace, seed: int) -> Path:
-    """A randomly initialised BERT with an MLM head, MiniLM's tokenizer; one per seed, shared by its arms."""
+def make_tokenizer(corpus: Path, work: Path, vocab_size: int):
+    """MiniLM's tokenizer, or (``vocab_size`` > 0) a WordPiece vocabulary of that size trained with
+    MiniLM's normaliser and pre-tokeniser on the pretraining texts (train long descriptions, never dev).
+
+    A small vocabulary makes the output projection (the MLM head at every scored encoder and
+    decoder position) cheap enough to train past unigram statistics on one CPU core.
+    """
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    if vocab_size <= 0:
+        return base
+    path = work / f"tokenizer_{vocab_size}"
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(path)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def make_random_bert(path: Path, tokenizer, args: argparse.Namespace, seed: int) -> Path:
+    """A randomly initialised BERT with an MLM head and ``tokenizer``; one per seed, shared by its arms."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM
 
     if (path / "config.json").is_file():
         return path
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=len(tokenizer),
         num_hidden_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.hidden // 64,
@@ -105,7 +130,9 @@ def pretrain_config(
     )
 
 
-def contrastive_config(model: str, train: Path, dev: Path, out: Path, seed: int, args: argparse.Namespace):
+def contrastive_config(
+    model: str, pooling: str, train: Path, dev: Path, out: Path, seed: int, args: argparse.Namespace
+):
     from ember_train.config import from_dict
     from ember_train.pipelines.contrastive import ContrastiveConfig
 
@@ -117,12 +144,12 @@ def contrastive_config(model: str, train: Path, dev: Path, out: Path, seed: int,
             "seed": seed,
             "model": {
                 "name_or_path": model,
-                "pooling": "cls",
+                "pooling": pooling,
                 "normalize": True,
                 "max_seq_length": args.seq_len,
             },
             "data": {"train": str(train)},
-            "loss": {"temperature": 0.05},
+            "loss": {"temperature": args.contrastive_temperature},
             "train": {
                 "max_steps": args.contrastive_steps,
                 "batch_size": args.contrastive_batch,
@@ -157,13 +184,13 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return train, dev, corpus
 
 
-def zero_shot_ndcg(model: str, dev: Path, seq_len: int) -> float:
-    """nDCG@10 of a model as it is (CLS pooling, normalised), before contrastive tuning."""
+def zero_shot_ndcg(model: str, pooling: str, dev: Path, seq_len: int) -> float:
+    """nDCG@10 of a model as it is (normalised), before contrastive tuning."""
     from ember_train.models import Encoder
     from ember_train.pipelines.contrastive import EvalConfig, build_evaluators
 
     (evaluator,) = build_evaluators(EvalConfig(data=str(dev), batch_size=64))
-    encoder = Encoder.from_pretrained(model, pooling="cls", normalize=True, max_seq_length=seq_len)
+    encoder = Encoder.from_pretrained(model, pooling=pooling, normalize=True, max_seq_length=seq_len)
     return evaluator(encoder).metrics["ndcg@10"]
 
 
@@ -225,15 +252,54 @@ def decoder_reliance(
     return {**found, "h_cosine_between_texts": sum(cosines) / len(cosines)}
 
 
-def diagnose(results: dict, seed_dirs: dict[int, Path], dev: Path, args: argparse.Namespace) -> dict:
+def cls_cosine_between_texts(model: str, texts: list[str], seq_len: int) -> float:
+    """Mean cosine between the [CLS] vectors of different texts: near 1, every text gets one vector."""
+    import torch
+
+    from ember_train.models import Encoder
+
+    encoder = Encoder.from_pretrained(model, pooling="cls", normalize=True, max_seq_length=seq_len)
+    with torch.no_grad():
+        unit = encoder.encode(texts, batch_size=64)
+    n = len(unit)
+    return float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
+
+
+def unigram_entropy(corpus: Path, model: str, seq_len: int) -> float:
+    """Entropy (nats) of the pretraining tokens' frequencies: an MLM loss at this level has
+    learned token counts and no context."""
+    import math
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    ids = tokenizer(texts, truncation=True, max_length=seq_len, add_special_tokens=False)["input_ids"]
+    counts = Counter(token for row in ids for token in row)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def diagnose(
+    results: dict, seed_dirs: dict[int, Path], dev: Path, corpus: Path, args: argparse.Namespace
+) -> dict:
     dev_texts = [json.loads(line)["pos"] for line in dev.read_text().splitlines()][:256]
     found: dict = {}
+    first_init = seed_dirs[args.seeds[0]] / "init"
+    if first_init.is_dir():
+        found["unigram_entropy"] = unigram_entropy(corpus, str(first_init), args.seq_len)
+        print(f"diagnostics: unigram entropy of the pretraining tokens {found['unigram_entropy']:.3f} nats")
     for seed in args.seeds:
         for arm in ARMS:
             model = seed_dirs[seed] / ("init" if arm == "none" else f"{arm}/final")
             if f"{arm}/{seed}" not in results or not model.is_dir():
                 continue
-            record = {"zero_shot_ndcg@10": zero_shot_ndcg(str(model), dev, args.seq_len)}
+            record = {
+                f"zero_shot_ndcg@10/{pooling}": zero_shot_ndcg(str(model), pooling, dev, args.seq_len)
+                for pooling in args.poolings
+            }
+            record["cls_cosine_between_texts"] = cls_cosine_between_texts(str(model), dev_texts, args.seq_len)
             if arm == "retromae":
                 record.update(decoder_reliance(seed_dirs[seed] / arm / "pretrained", dev_texts, seed, args))
             found[f"{arm}/{seed}"] = record
@@ -245,8 +311,8 @@ def diagnose(results: dict, seed_dirs: dict[int, Path], dev: Path, args: argpars
 
 
 def summarize(results: dict, args: argparse.Namespace) -> str:
-    """Mean ± std per arm over the seeds done, and the paired margins (same seed, same init)."""
-    by_arm = {arm: [r["ndcg@10"] for r in results.values() if r["arm"] == arm] for arm in ARMS}
+    """Per contrastive pooling: mean ± std per arm over the seeds done, and the paired margins
+    (same seed, same init)."""
 
     def mean_std(values: list[float]) -> str:
         if not values:
@@ -255,30 +321,42 @@ def summarize(results: dict, args: argparse.Namespace) -> str:
         return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
     pretrain = f"{args.pretrain_steps} × {args.pretrain_batch}"
-    rows = [
-        [
-            arm,
-            "0" if arm == "none" else pretrain,
-            mean_std(by_arm[arm]),
-            len(by_arm[arm]),
-            ", ".join(f"{v:.2f}" for v in by_arm[arm]),
+    tables = []
+    for pooling in args.poolings:
+        metric = f"ndcg@10/{pooling}"
+        by_arm = {
+            arm: [r[metric] for r in results.values() if r["arm"] == arm and metric in r] for arm in ARMS
+        }
+        rows = [
+            [
+                arm,
+                "0" if arm == "none" else pretrain,
+                mean_std(by_arm[arm]),
+                len(by_arm[arm]),
+                ", ".join(f"{v:.2f}" for v in by_arm[arm]),
+            ]
+            for arm in ARMS
         ]
-        for arm in ARMS
-    ]
-    table = markdown_table(
-        ["arm", "pretraining steps × batch", "nDCG@10 (mean ± std)", "seeds", "per seed"], rows, "llrrl"
-    )
-    margins = []
-    for better, worse in (("retromae", "mlm"), ("mlm", "none"), ("retromae", "none")):
-        diffs = [
-            results[f"{better}/{seed}"]["ndcg@10"] - results[f"{worse}/{seed}"]["ndcg@10"]
-            for seed in args.seeds
-            if f"{better}/{seed}" in results and f"{worse}/{seed}" in results
-        ]
-        if diffs:
-            wins = sum(d > 0 for d in diffs)
-            margins.append([f"{better} − {worse}", mean_std(diffs), f"{wins}/{len(diffs)}"])
-    return table + "\n\n" + markdown_table(["margin (paired by seed)", "mean ± std", "wins"], margins, "lrr")
+        table = markdown_table(
+            ["arm", "pretraining steps × batch", f"nDCG@10, {pooling} pooling", "seeds", "per seed"],
+            rows,
+            "llrrl",
+        )
+        margins = []
+        for better, worse in (("retromae", "mlm"), ("mlm", "none"), ("retromae", "none")):
+            diffs = [
+                results[f"{better}/{seed}"][metric] - results[f"{worse}/{seed}"][metric]
+                for seed in args.seeds
+                if metric in results.get(f"{better}/{seed}", {})
+                and metric in results.get(f"{worse}/{seed}", {})
+            ]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                margins.append([f"{better} − {worse}", mean_std(diffs), f"{wins}/{len(diffs)}"])
+        tables.append(
+            table + "\n\n" + markdown_table(["margin (paired by seed)", "mean ± std", "wins"], margins, "lrr")
+        )
+    return "\n\n".join(tables)
 
 
 def main() -> None:
@@ -296,20 +374,34 @@ def main() -> None:
     parser.add_argument(
         "--diagnose", action="store_true", help="also the zero-shot and decoder-reliance checks"
     )
+    parser.add_argument(
+        "--tokenizer-vocab",
+        type=int,
+        default=8192,
+        help="train a WordPiece vocabulary of this size on the pretraining texts (0: MiniLM's 30,522)",
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pretrain-texts", type=int, default=40000)
-    parser.add_argument("--pretrain-steps", type=int, default=160)
-    parser.add_argument("--pretrain-batch", type=int, default=16)
+    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-batch", type=int, default=32)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--encoder-mask-ratio", type=float, default=0.3)
     parser.add_argument("--decoder-mask-ratio", type=float, default=0.5)
     parser.add_argument("--train-pairs", type=int, default=4000)
     parser.add_argument("--dev-pairs", type=int, default=500)
-    parser.add_argument("--contrastive-steps", type=int, default=80)
+    parser.add_argument("--contrastive-steps", type=int, default=600)
     parser.add_argument("--contrastive-batch", type=int, default=32)
     parser.add_argument("--contrastive-lr", type=float, default=1e-3)
+    parser.add_argument("--contrastive-temperature", type=float, default=0.05)
+    parser.add_argument(
+        "--poolings",
+        nargs="+",
+        default=["cls", "mean"],
+        choices=["cls", "mean"],
+        help="one contrastive run per pooling and arm (cls is what RetroMAE trains)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
 
@@ -323,6 +415,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     work = args.work
     train, dev, corpus = prepare_data(args)
+    tokenizer = make_tokenizer(corpus, work, args.tokenizer_vocab)
     results_file = work / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results: dict = {} if args.fresh else saved.get("runs", {})
@@ -342,43 +435,46 @@ def main() -> None:
         }
         results_file.write_text(json.dumps(summary, indent=2) + "\n")
 
+    metrics = [f"ndcg@10/{pooling}" for pooling in args.poolings]
     for seed in args.seeds:
-        if all(f"{arm}/{seed}" in results for arm in args.arms):
+        if all(m in results.get(f"{arm}/{seed}", {}) for arm in args.arms for m in metrics):
             continue
-        init = make_random_bert(work / f"seed{seed}" / "init", args, seed)
+        init = make_random_bert(work / f"seed{seed}" / "init", tokenizer, args, seed)
         for arm in args.arms:
             key = f"{arm}/{seed}"
-            if key in results:
-                continue
-            record: dict = {"arm": arm, "seed": seed}
-            model = str(init)
+            record: dict = results.get(key, {"arm": arm, "seed": seed})
+            model = str(init) if arm == "none" else str(seed_dirs[seed] / arm / "final")
             pretrained = seed_dirs[seed] / arm
-            if arm != "none" and (pretrained / "results.json").is_file() and (pretrained / "final").is_dir():
+            if arm == "none" or "pretrain_seconds" in record:
+                pass
+            elif (pretrained / "results.json").is_file() and (pretrained / "final").is_dir():
                 # An interrupted run: the pretraining finished, reuse it.
                 done = json.loads((pretrained / "results.json").read_text())
                 record["pretrain_seconds"] = done["train_seconds"]
                 record["pretrain_last_metrics"] = done["last_metrics"]
-                model = str(pretrained / "final")
-            elif arm != "none":
+            else:
                 fresh_accelerate_state()
                 start = time.perf_counter()
                 out = run_retromae(pretrain_config(init, corpus, pretrained, arm, seed, args))
                 record["pretrain_seconds"] = time.perf_counter() - start
                 record["pretrain_last_metrics"] = out["last_metrics"]
                 model = out["export_dir"]
-            fresh_accelerate_state()
-            start = time.perf_counter()
-            out = run_contrastive(
-                contrastive_config(model, train, dev, work / f"seed{seed}" / f"{arm}_contrastive", seed, args)
-            )
-            record["contrastive_seconds"] = time.perf_counter() - start
-            record["ndcg@10"] = out["eval_after"][0]["metrics"]["ndcg@10"]
-            results[key] = record
-            save()
-            print(f"[{time.strftime('%H:%M:%S')}] {key}: ndcg@10={record['ndcg@10']:.2f}", flush=True)
+            for pooling in args.poolings:
+                metric = f"ndcg@10/{pooling}"
+                if metric in record:
+                    continue
+                fresh_accelerate_state()
+                start = time.perf_counter()
+                out_dir = work / f"seed{seed}" / f"{arm}_contrastive_{pooling}"
+                out = run_contrastive(contrastive_config(model, pooling, train, dev, out_dir, seed, args))
+                record[f"contrastive_seconds/{pooling}"] = time.perf_counter() - start
+                record[metric] = out["eval_after"][0]["metrics"]["ndcg@10"]
+                results[key] = record
+                save()
+                print(f"[{time.strftime('%H:%M:%S')}] {key}: {metric}={record[metric]:.2f}", flush=True)
 
     if args.diagnose:
-        diagnostics.update(diagnose(results, seed_dirs, dev, args))
+        diagnostics.update(diagnose(results, seed_dirs, dev, corpus, args))
         save()
     print(summarize(results, args))
 
