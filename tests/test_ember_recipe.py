@@ -270,7 +270,7 @@ def test_retromae_auto_runs_for_a_head_and_skips_a_headless_body(
         contrastive={"data": {"train": str(tiny_data["train"])}, "train": {"max_steps": 1}},
     )  # fmt: skip
     retro, _, tuning = build_stages(load_config(str(config)))
-    assert retro.cfg is None and "has no trained MLM head" in retro.note
+    assert retro.cfg is None and "has no trained MLM head" in retro.skipped
     assert tuning.cfg.model.name_or_path == str(headless_bert)
     retro, _, tuning = build_stages(load_config(str(config), ["retromae.enabled=true"]))
     assert retro.cfg is not None and tuning.cfg.model.name_or_path.endswith("1-retromae/final")

@@ -42,6 +42,7 @@ from ember_train.models.encoder import (
     weight_loading_kwargs,
 )
 from ember_train.models.pooling import pool
+from ember_train.models.sentence_transformers import find_checkpoint_file
 
 QueryStream = Literal["position", "embedding"]
 DECODER_WEIGHTS = "decoder.safetensors"
@@ -92,28 +93,11 @@ class DecoderConfig:
 def checkpoint_weight_names(name_or_path: str) -> set[str] | None:
     """The tensor names of a local or Hub checkpoint, read from its index or safetensors headers
     (no weights are loaded); None when they cannot be read (no such files, Hub unreachable)."""
-    root = Path(name_or_path)
-    if root.is_dir():
-
-        def local(name: str) -> Path | None:
-            return root / name if (root / name).is_file() else None
-
-        find = local
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        def find(name: str) -> Path | None:
-            try:
-                return Path(hf_hub_download(name_or_path, name))
-            except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
-                return None
-
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = find(index_name)
+        index = find_checkpoint_file(name_or_path, index_name)
         if index is not None:
             return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
-    weights = find("model.safetensors")
+    weights = find_checkpoint_file(name_or_path, "model.safetensors")
     if weights is None:
         return None
     from safetensors import safe_open

@@ -147,30 +147,31 @@ def read_matryoshka_dims(path: str | Path) -> list[int]:
     return [int(d) for d in (json.loads(text).get(MATRYOSHKA_KEY) or [])] if text else []
 
 
-def _file_reader(path: str | Path) -> Callable[[str], str | None]:
-    """``read(name)``: the text of one file of a local checkpoint or a Hub repository, or None if absent.
+def find_checkpoint_file(path: str | Path, name: str) -> Path | None:
+    """One file of a local checkpoint, or of a Hub repository through the Hub cache; None if absent.
 
-    A Hub repository that cannot be reached reads as empty here; loading its weights reports why.
+    A Hub repository that cannot be reached reads as absent here; loading its weights reports why.
     """
     root = Path(path)
     if root.is_dir():
-
-        def read_local(name: str) -> str | None:
-            file = root / name
-            return file.read_text(encoding="utf-8") if file.is_file() else None
-
-        return read_local
-
+        return root / name if (root / name).is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    def read_hub(name: str) -> str | None:
-        try:
-            return Path(hf_hub_download(str(path), name)).read_text(encoding="utf-8")
-        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
-            return None
+    try:
+        return Path(hf_hub_download(str(path), name))
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
+        return None
 
-    return read_hub
+
+def _file_reader(path: str | Path) -> Callable[[str], str | None]:
+    """``read(name)``: the text of one file of ``path`` (:func:`find_checkpoint_file`), or None."""
+
+    def read(name: str) -> str | None:
+        file = find_checkpoint_file(path, name)
+        return file.read_text(encoding="utf-8") if file is not None else None
+
+    return read
 
 
 def _ember_version() -> str:

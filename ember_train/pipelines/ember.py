@@ -121,7 +121,7 @@ class Stage:
     name: str  # its directory under <output_dir>/stages
     key: str  # its section in the recipe config
     cfg: Any  # RetroMAEConfig | MiningRun | ContrastiveConfig; None when disabled
-    note: str = "disabled"  # why it does not run, when cfg is None
+    skipped: str | None = None  # why an enabled stage does not run (cfg is then None)
 
     @property
     def dir(self) -> Path:
@@ -204,14 +204,14 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
     enabled = retro.pop("enabled", "auto" if cfg.retromae is not None else False)
     if not isinstance(enabled, bool) and enabled != "auto":
         raise ConfigError(f"{source}: retromae.enabled: expected true, false or auto, got {enabled!r}")
-    retro_cfg, retro_note = None, "disabled"
+    retro_cfg, retro_skipped = None, None
     if enabled:
         retro_cfg = stage_config(
             RetroMAEConfig, "retromae", retro, cfg, source,
             name_or_path=model, output_dir=str(root / "1-retromae"), export={"enabled": True},
         )  # fmt: skip
     if enabled == "auto" and not retromae_can_help(cfg.model):
-        retro_cfg, retro_note = None, f"skipped: {cfg.model.name_or_path} {NO_MLM_HEAD}"
+        retro_cfg, retro_skipped = None, f"{cfg.model.name_or_path} {NO_MLM_HEAD}"
     if retro_cfg is not None:
         model = str(Path(retro_cfg.output_dir) / "final")
 
@@ -247,7 +247,7 @@ def build_stages(cfg: EmberConfig, source: str = "<config>") -> list[Stage]:
             contrastive_cfg.loss.num_negatives = cfg.mining.num_negatives
 
     stages = [
-        Stage("1-retromae", "retromae", retro_cfg, note=retro_note),
+        Stage("1-retromae", "retromae", retro_cfg, skipped=retro_skipped),
         Stage("2-mining", "mining", mining_run),
         Stage("3-contrastive", "contrastive", contrastive_cfg),
     ]
@@ -428,9 +428,12 @@ def run(cfg: EmberConfig, command: str | None = None) -> dict[str, Any]:
     ran: set[str] = set()
     for number, stage in enumerate(stages, 1):
         if stage.cfg is None:
-            _say(f"== stage {number}/3 {stage.key}: {stage.note}")
-            if stage.note != "disabled" and _is_main_process():
-                logger.warning("stage %s %s", stage.name, stage.note)
+            _say(
+                f"== stage {number}/3 {stage.key}: "
+                + (f"skipped: {stage.skipped}" if stage.skipped else "disabled")
+            )
+            if stage.skipped and _is_main_process():
+                logger.warning("stage %s skipped: %s", stage.name, stage.skipped)
             continue
         if resume and stage.done():
             _say(f"== stage {number}/3 {stage.key}: done ({stage.dir / 'results.json'}), skipped")
